@@ -1,0 +1,4 @@
+from kdrun.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""The `kdrun` entry point: a dispatcher on the first word, then one Hydra app per command.
+
+Before Hydra creates any run directory, every job of the request (each point of a sweep) is composed
+and checked, so bad input ends in one `kdrun: error: ...` line with nothing written. Heavy imports
+(torch, the commands) happen only once a command really runs, so `--help` stays fast.
+"""
+
+import difflib
+import importlib
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+from kdrun.errors import KdrunError
+
+COMMANDS = {  # command word -> (primary config, module)
+    "train": ("train", "kdrun.commands.train"),
+    "soft-targets": ("soft_targets", "kdrun.commands.soft_targets"),
+    "distill": ("distill", "kdrun.commands.distill"),
+    "pipeline": ("pipeline", "kdrun.commands.pipeline"),
+}
+# schedule group -> the top-level value it schedules (T and alpha are what users type)
+SCHEDULE_GROUPS = {"temperature": "T", "alpha_schedule": "alpha"}
+NOT_CHOSEN_DIRECTLY = {"model": "teacher=NAME or student=NAME", "recipe": "teacher.recipe.KEY=VALUE or epochs=N"}
+
+log = logging.getLogger("kdrun")
+
+
+def conf_dir():
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):  # wheel install, then source checkout
+        if (candidate / "base.yaml").is_file():
+            return candidate
+    raise KdrunError(f"cannot find kdrun's conf/ directory next to {here}")
+
+
+def group_options(group):
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def _groups():
+    return sorted(p.name for p in conf_dir().iterdir() if p.is_dir())
+
+
+def usage():
+    from omegaconf import OmegaConf
+
+    width = max(map(len, COMMANDS))
+    lines = [f"  {word.ljust(width)}  {OmegaConf.load(conf_dir() / f'{name}.yaml').summary}"
+             for word, (name, _) in COMMANDS.items()]
+    return "\n".join([
+        "usage: kdrun COMMAND [KEY=VALUE ...] [-m] [--cfg job] [--help]",
+        "",
+        "Knowledge distillation (Hinton, Vinyals & Dean 2015) as config-driven experiments.",
+        "",
+        "commands:",
+        *lines,
+        "",
+        "`kdrun COMMAND --help` lists the command's config groups, options and keys.",
+    ])
+
+
+# ---------------------------------------------------------------- argument checks
+
+
+def _parse_args(argv):
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+
+    def error(message):
+        raise KdrunError(message)
+
+    parser.error = error
+    return parser.parse_intermixed_args(argv)  # `a=1 -m b=1,2` as well as `-m a=1 b=1,2`
+
+
+def _expand_alpha_shorthand(overrides):
+    """`alpha=anneal` picks the alpha schedule: Hydra cannot have a group and a key both named alpha."""
+    options = group_options("alpha_schedule")
+    out = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key == "alpha" and value and all(v in options for v in value.split(",")):
+            item = f"alpha_schedule={value}"
+        out.append(item)
+    return out
+
+
+def _check_group_choices(parsed):
+    groups = set(_groups())
+    for o in parsed:
+        key = o.key_or_group
+        if key not in groups or o.package is not None or o.is_delete():
+            continue
+        if key in NOT_CHOSEN_DIRECTLY:
+            raise KdrunError(f"{key} is not chosen directly; use {NOT_CHOSEN_DIRECTLY[key]}")
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+        options = group_options(key)
+        for v in values:
+            if v in options or v is None:
+                continue
+            if key in SCHEDULE_GROUPS and not isinstance(v, str):
+                name = SCHEDULE_GROUPS[key]
+                raise KdrunError(f"{key} picks a schedule ({', '.join(options)}); to set the value use {name}={v}")
+            close = difflib.get_close_matches(str(v), options, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise KdrunError(f"unknown {key} '{v}'{hint}; choose from: {', '.join(options)}")
+
+
+def _jobs(parsed, overrides, multirun):
+    """Override lists of every job a request will run (one, or each point of a sweep)."""
+    if not multirun:
+        for o in parsed:
+            if o.is_sweep_override():
+                raise KdrunError(f"{o.input_line} is a sweep; add -m to run it: kdrun ... -m {o.input_line}")
+        return [overrides]
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def preflight(command, overrides, multirun):
+    """Compose and check every job before Hydra writes anything."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from kdrun.validate import validate
+
+    config_name, module_name = COMMANDS[command]
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    _check_group_choices(parsed)
+    jobs = _jobs(parsed, overrides, multirun)
+    module = importlib.import_module(module_name)
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name=config_name):
+        for job in jobs:
+            cfg = compose(config_name=config_name, overrides=job)
+            validate(cfg)
+            if hasattr(module, "preflight"):
+                module.preflight(cfg, job)
+    return len(jobs)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def explain(exc, command=None):
+    """One line for the user from any exception kdrun or Hydra raises."""
+    if isinstance(exc, KdrunError):
+        return str(exc)
+    text = str(exc).strip()
+    where = f"kdrun {command}" if command else "kdrun"
+    m = re.search(r"Could not override '([^']+)'\.\s*(To append|Key '.*' is not in struct)", text)
+    if m:
+        return f"unknown key '{m.group(1)}' for {where} (`{where} --help` lists the keys)"
+    m = re.search(r"Could not override '([^']+)'\.\s*No match in the defaults list", text)
+    if m:
+        return f"'{m.group(1)}' cannot be chosen in {where}"
+    m = re.search(r"Key '([^']+)' is not in struct", text)
+    if m:
+        return f"unknown key '{m.group(1)}' for {where}"
+    m = re.search(r"Could not find '([^']+)/([^']+)'", text)
+    if m:
+        return f"unknown {m.group(1)} '{m.group(2)}'; choose from: {', '.join(group_options(m.group(1)))}"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    if _is_user_error(exc):
+        return first
+    return f"{type(exc).__name__}: {first} (set KDRUN_DEBUG=1 for the traceback)"
+
+
+def _record_failure(run_dir, cfg, message):
+    from kdrun.io import write_json
+
+    try:
+        write_json(Path(run_dir) / "results.json", {
+            "command": cfg.get("command"), "status": "failed", "error": message, "run_dir": str(run_dir),
+        })
+    except OSError:
+        pass  # the error being reported matters more than this record
+
+
+# ---------------------------------------------------------------- running
+
+
+def run_hydra(command, argv):
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    config_name, module_name = COMMANDS[command]
+    failures = []  # (exception, run mode); kept here so Hydra prints nothing of its own
+
+    def task(cfg):
+        module = importlib.import_module(module_name)  # torch loads here, not for --help
+        hc = HydraConfig.get()
+        run_dir = Path(hc.runtime.output_dir)
+        try:
+            return module.run(cfg, run_dir)
+        except Exception as e:
+            message = explain(e, command)
+            _record_failure(run_dir, cfg, message)
+            if hc.mode == RunMode.MULTIRUN:
+                log.error("job %s failed: %s", run_dir, message)
+            failures.append((e, hc.mode))
+
+    app = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=config_name)(task)
+    saved = sys.argv
+    sys.argv = ["kdrun", *argv]
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach `main`, which prints one line
+    try:
+        app()
+    finally:
+        sys.argv = saved
+    if failures and failures[0][1] == RunMode.RUN:
+        raise failures[0][0]
+    if failures:
+        raise KdrunError(f"{len(failures)} sweep job(s) failed; first: {explain(failures[0][0], command)}")
+
+
+def complete(argv):
+    """Shell completion. Hydra's completion script runs `kdrun -sc query=bash` with the whole line in
+    COMP_LINE: complete the command word here, and hand the rest to that command's Hydra app."""
+    if not any(a.startswith("query") for a in argv):  # `kdrun -sc install=bash`: Hydra's script, for kdrun
+        run_hydra("distill", argv)
+        return 0
+    words = os.environ.get("COMP_LINE", "").split()
+    line_ends_word = not os.environ.get("COMP_LINE", "").endswith(" ")
+    if len(words) < 2 or (len(words) == 2 and line_ends_word):
+        prefix = words[1] if len(words) == 2 else ""
+        print(" ".join(c for c in COMMANDS if c.startswith(prefix)))
+        return 0
+    if words[1] not in COMMANDS:
+        return 0
+    os.environ["COMP_LINE"] = os.environ["COMP_LINE"].replace(f" {words[1]}", "", 1)
+    run_hydra(words[1], argv)
+    return 0
+
+
+def dispatch(argv):
+    if argv and argv[0] in ("-sc", "--shell-completion"):
+        return complete(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from kdrun import __version__
+
+        print(f"kdrun {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise KdrunError(f"unknown command '{command}'{hint}; choose from: {', '.join(COMMANDS)}")
+    args = _parse_args(rest)
+    overrides = _expand_alpha_shorthand(args.overrides)
+    flags = [a for a in rest if a not in args.overrides]
+    informational = args.help or args.hydra_help or args.cfg or args.info or args.shell_completion
+    if not informational:
+        preflight(command, overrides, args.multirun)
+    run_hydra(command, flags + overrides)
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[0] if argv else None
+    try:
+        code = dispatch(argv)
+    except KeyboardInterrupt:
+        print("kdrun: interrupted", file=sys.stderr)
+        code = 130
+    except SystemExit as e:  # argparse or Hydra deciding to exit
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except Exception as e:
+        if os.environ.get("KDRUN_DEBUG"):
+            raise
+        print(f"kdrun: error: {explain(e, command)}", file=sys.stderr)
+        code = 2 if _is_user_error(e) else 1
+    sys.exit(code)
+
+
+def _is_user_error(exc):
+    return isinstance(exc, KdrunError) or type(exc).__module__.startswith(("hydra", "omegaconf"))

@@ -1,0 +1,170 @@
+"""What every command shares: device, data, models, recipes, and training one model to a run dir."""
+
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from kdrun.data.batches import DeviceData
+from kdrun.data.sources import check_split_files, load_split, locate, stratified_subset
+from kdrun.errors import KdrunError
+from kdrun.io import atomic_write, load_torch
+from kdrun.loop import fit
+from kdrun.run import Recorder
+
+log = logging.getLogger("kdrun")
+
+RECIPE_OVERRIDES = {"epochs": ("epochs",), "batch_size": ("batch_size",), "lr": ("optimizer", "lr")}
+
+
+def resolve_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise KdrunError("device=cuda but CUDA is not available here; use device=cpu or device=auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise KdrunError("device=mps but MPS is not available here; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def fold_recipe_overrides(cfg, roles):
+    """Copy of cfg where the top-level epochs/batch_size/lr are written into the recipes of `roles`
+    (the models this command trains), so a teacher's key records the recipe it was really trained with."""
+    cfg = cfg.copy()
+    for key, path in RECIPE_OVERRIDES.items():
+        value = cfg.get(key)
+        if value is None:
+            continue
+        for role in roles:
+            node = cfg[role].recipe
+            for part in path[:-1]:
+                node = node[part]
+            node[path[-1]] = value
+        cfg[key] = None
+    return cfg
+
+
+@dataclass
+class Data:
+    train: DeviceData
+    test: DeviceData
+    shape: tuple
+    num_classes: int
+    transfer: dict  # identity of the transfer set (the train split as the teacher sees it)
+
+
+@functools.lru_cache(maxsize=4)
+def _read(raw_dir, split):
+    return load_split(raw_dir, split)
+
+
+def load_data(cfg, device):
+    ds = cfg.dataset
+    raw = locate(ds, cfg.data_dir)
+    splits = {}
+    for split, limit in (("train", ds.limit), ("test", ds.test_limit)):
+        s = _read(str(raw), split)
+        if list(s.images.shape[1:]) != list(ds.shape):
+            raise KdrunError(f"{ds.name} {split} images have shape {list(s.images.shape[1:])}, expected {list(ds.shape)}")
+        if int(s.labels.max()) >= ds.num_classes:
+            raise KdrunError(f"{ds.name} {split} labels go up to {int(s.labels.max())}, expected < {ds.num_classes}")
+        idx = stratified_subset(s.labels, limit, ds.subset_seed)
+        splits[split] = DeviceData(s.images[idx], s.labels[idx], ds.mean, ds.std, device)
+    transfer = transfer_identity(ds, len(splits["train"]))
+    return Data(splits["train"], splits["test"], tuple(ds.shape), int(ds.num_classes), transfer)
+
+
+def build_model(arch, data):
+    return instantiate(arch, in_shape=list(data.shape), num_classes=data.num_classes)
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_inputs(cfg):
+    """What every command checks before a run starts: the device exists, and the dataset is there
+    with sound IDX headers (the images are not read). Returns the identity of the transfer set."""
+    resolve_device(cfg.device)
+    raw = locate(cfg.dataset, cfg.data_dir)
+    n_train = check_split_files(raw, "train")
+    check_split_files(raw, "test")
+    return transfer_identity(cfg.dataset, min(n_train, cfg.dataset.limit or n_train))
+
+
+def transfer_identity(ds, n):
+    """What the teacher's soft targets are computed over: the train split, un-jittered."""
+    return {"dataset": ds.name, "split": "train", "limit": ds.limit, "subset_seed": ds.subset_seed, "n": n,
+            "transform": f"normalize(mean={ds.mean}, std={ds.std}), no jitter"}
+
+
+def check_model_payload(path, dataset_name, expect_name, expect_arch, role="teacher"):
+    """Load a kdrun model.pt, refusing one of another dataset or architecture."""
+    payload = load_torch(path, f"{role} checkpoint")
+    if not isinstance(payload, dict) or not {"model", "arch", "dataset"} <= set(payload):
+        raise KdrunError(f"{path} is not a kdrun model checkpoint")
+    if payload["dataset"] != dataset_name:
+        raise KdrunError(f"{role} checkpoint {path} was trained on {payload['dataset']}, not {dataset_name}")
+    if payload["arch"] != expect_arch:
+        name = payload.get("name", "another architecture")
+        raise KdrunError(f"{role} checkpoint {path} is {name} {_describe(payload['arch'])}, but {role}={expect_name} "
+                         f"is {_describe(expect_arch)}; pass {role}={name}")
+    return payload
+
+
+def load_model(path, data, dataset_name, expect_name, expect_arch, role="teacher"):
+    """Rebuild a model from a kdrun model.pt (see check_model_payload)."""
+    payload = check_model_payload(path, dataset_name, expect_name, expect_arch, role)
+    model = build_model(payload["arch"], data)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as e:
+        raise KdrunError(f"{role} checkpoint {path} does not fit this dataset: "
+                         f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
+    return model.to(data.train.device).eval()
+
+
+def _describe(arch):
+    return "(" + ", ".join(f"{k}={v}" for k, v in arch.items() if k != "_target_") + ")"
+
+
+def train_model(cfg, run_dir, role, objective, data, device, extra_results):
+    """Build the `role` model (teacher or student), train it with `objective`, save its artifacts."""
+    spec = cfg[role]
+    recipe = spec.recipe
+    torch.manual_seed(cfg.seed)
+    model = build_model(spec.model, data).to(device)
+    optimizer = instantiate(recipe.optimizer)(model.parameters())  # configs are partials
+    steps = recipe.epochs * data.train.n_batches(recipe.batch_size)
+    scheduler = instantiate(recipe.scheduler)(optimizer, total_steps=steps)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    recorder = Recorder(run_dir, f"{cfg.command}:{spec.name}")
+    started = time.perf_counter()
+    last = fit(model, objective, data.train, data.test, optimizer, scheduler, epochs=recipe.epochs,
+               batch_size=recipe.batch_size, jitter=recipe.jitter, generator=generator, recorder=recorder,
+               progress=cfg.progress)
+    arch = OmegaConf.to_container(spec.model, resolve=True)
+    model_path = recorder.save_model(model, arch, cfg.dataset.name, {"name": spec.name, "role": role})
+    results = {
+        "command": cfg.command, "status": "completed", "dataset": cfg.dataset.name,
+        "seed": cfg.seed, "epochs": recipe.epochs, "n_train": len(data.train), "n_params": n_params(model),
+        "wall_s": round(time.perf_counter() - started, 3), "run_dir": str(run_dir), "model": str(model_path),
+        "train_accuracy": last.get("train_accuracy"),
+        **{k: last[k] for k in ("test_accuracy", "test_errors", "n_test")},
+        **extra_results,
+    }
+    recorder.results(results)
+    return results, model_path
+
+
+def save_config(cfg, run_dir):
+    atomic_write(Path(run_dir) / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(cfg, resolve=True)), mode="w")

@@ -1,0 +1,71 @@
+"""Atomic, verifiable file writes: every artifact is written to a temp file and renamed."""
+
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from kdrun.errors import KdrunError
+
+
+def atomic_write(path, write_fn, mode="wb"):
+    """Call write_fn(file) on a temp file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n"), mode="w")
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise KdrunError(f"cannot read {path}: {e}") from None
+
+
+def save_torch(path, obj):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_torch(path, what="checkpoint"):
+    """Load a kdrun artifact. weights_only=True: a checkpoint or cache can never run code."""
+    path = Path(path)
+    if not path.is_file():
+        raise KdrunError(f"{what} not found: {path}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; truncation breaks its index
+        raise KdrunError(f"corrupt {what} {path}: not a PyTorch zip archive")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KdrunError(f"corrupt {what} {path}: {first}") from None
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_key(obj, length=12):
+    """A short stable hash of a JSON-able object (used to find teachers and caches)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]

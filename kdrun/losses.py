@@ -1,0 +1,44 @@
+"""Distillation losses as pure functions over logits (see shared kd-reference, section 1).
+
+Convention: alpha weights the soft term,
+    loss = alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(y, q_1),
+KL summed over classes and averaged over the batch ("batchmean").
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def softmax_t(logits, T):
+    """Softmax at temperature T: exp(z_i / T) / sum_j exp(z_j / T)."""
+    return F.softmax(logits / T, dim=-1)
+
+
+def kd_kl(student_logits, teacher_logits, T):
+    """Unscaled KL(p_T || q_T), teacher p, student q, batchmean. Gradients scale as 1/T^2."""
+    log_q = F.log_softmax(student_logits / T, dim=-1)
+    log_p = F.log_softmax(teacher_logits / T, dim=-1)
+    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+
+
+def hinton_loss(student_logits, teacher_logits, labels, T, alpha):
+    """Hinton et al. 2015. Returns (total, parts) where parts hold each term for logging."""
+    parts = {}
+    total = student_logits.new_zeros(())
+    if alpha > 0:
+        soft = kd_kl(student_logits, teacher_logits, T)
+        parts["kd_unscaled"] = soft.detach()
+        parts["kd_scaled"] = (T * T * soft).detach()
+        total = total + alpha * T * T * soft
+    if alpha < 1:
+        hard = F.cross_entropy(student_logits, labels)
+        parts["ce"] = hard.detach()
+        total = total + (1 - alpha) * hard
+    return total, parts
+
+
+def logit_matching(student_logits, teacher_logits):
+    """The high-T limit: 1/2 mean squared difference of per-example zero-meaned logits (per class)."""
+    z = student_logits - student_logits.mean(dim=-1, keepdim=True)
+    v = teacher_logits - teacher_logits.mean(dim=-1, keepdim=True)
+    return 0.5 * (z - v).pow(2).sum(dim=-1).mean() / z.shape[-1]

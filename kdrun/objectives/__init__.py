@@ -1,0 +1,11 @@
+"""Objectives: each maps (model, batch, progress) to (logits, loss, logs).
+
+`logs` holds detached scalars to average per epoch (every loss term, T, alpha). One objective
+per method, in its own module; the training loop knows nothing about methods.
+"""
+
+from kdrun.objectives.cross_entropy import CrossEntropy
+from kdrun.objectives.hinton import HintonKD
+from kdrun.objectives.teachers import CachedLogits, OnlineTeacher
+
+__all__ = ["CrossEntropy", "HintonKD", "CachedLogits", "OnlineTeacher"]

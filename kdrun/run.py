@@ -1,0 +1,49 @@
+"""A run directory: metrics.jsonl, checkpoints/last.pt, model.pt and results.json."""
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from kdrun import __version__
+from kdrun.io import save_torch, write_json
+
+log = logging.getLogger("kdrun")
+
+
+class Recorder:
+    def __init__(self, run_dir, name):
+        self.dir = Path(run_dir)
+        self.name = name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.checkpoint_path = self.dir / "checkpoints" / "last.pt"
+
+    def epoch_end(self, row, model, optimizer, scheduler, generator):
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        save_torch(self.checkpoint_path, {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": row["epoch"],
+            "step": row["step"],
+            "rng": {"torch": torch.get_rng_state(), "data": generator.get_state()},
+            "kdrun_version": __version__,
+        })
+        terms = " ".join(f"{k}={row[k]:.4f}" for k in ("loss", "ce", "kd_scaled", "kd_unscaled") if k in row)
+        log.info("%s epoch %d: %s train_acc=%.4f test_errors=%d/%d lr=%.3g (%.1fs)", self.name, row["epoch"],
+                 terms, row["train_accuracy"], row["test_errors"], row["n_test"], row["lr"], row["seconds"])
+
+    def save_model(self, model, arch, dataset, extra):
+        path = self.dir / "model.pt"
+        save_torch(path, {"model": model.state_dict(), "arch": arch, "dataset": dataset,
+                          "kdrun_version": __version__, **extra})
+        return path
+
+    def results(self, results):
+        write_json(self.dir / "results.json", results)

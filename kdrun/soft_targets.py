@@ -1,0 +1,70 @@
+"""The soft-target cache: raw teacher logits over the transfer set (one file serves every T), with a
+manifest of what made them; a cache whose manifest does not match is recomputed, never trusted."""
+
+import logging
+import time
+from pathlib import Path
+
+from filelock import FileLock
+
+from kdrun.errors import KdrunError
+from kdrun.io import load_torch, save_torch, sha256_file, write_json
+from kdrun.loop import predict
+
+log = logging.getLogger("kdrun")
+
+
+def cache_path(workdir, teacher_key, transfer_key):
+    return Path(workdir) / "soft_targets" / teacher_key / f"{transfer_key}.pt"
+
+
+def manifest_for(teacher_ckpt, transfer, num_classes):
+    return {
+        "teacher_sha256": sha256_file(teacher_ckpt),
+        **transfer,
+        "shape": [transfer["n"], num_classes],
+        "dtype": "float32",
+    }
+
+
+def _valid(payload, manifest):
+    if payload["manifest"] != manifest:
+        diff = sorted(k for k in set(manifest) | set(payload["manifest"])
+                      if manifest.get(k) != payload["manifest"].get(k))
+        return False, f"manifest differs in {', '.join(diff)}"
+    if list(payload["logits"].shape) != manifest["shape"]:
+        return False, "logits shape differs from its manifest"
+    return True, ""
+
+
+def _load_cache(path):
+    payload = load_torch(path, "soft-target cache")
+    if not (isinstance(payload, dict) and "logits" in payload and "manifest" in payload):
+        raise KdrunError(f"corrupt soft-target cache {path}: not a soft-target cache; delete it to recompute")
+    return payload
+
+
+def check_cache(path):
+    """Refuse a damaged cache file before a run starts (a mismatched one is recomputed later)."""
+    if Path(path).exists():
+        _load_cache(path)
+
+
+def get_or_compute(path, manifest, teacher, transfer_data):
+    """Return cached logits [N, C] (on the CPU), computing them under a file lock if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):  # parallel sweep jobs: one computes, the others wait and reuse
+        if path.exists():
+            payload = _load_cache(path)
+            ok, why = _valid(payload, manifest)
+            if ok:
+                log.info("soft targets: reusing %s", path)
+                return payload["logits"]
+            log.warning("soft targets: %s does not match (%s); recomputing", path, why)
+        started = time.perf_counter()
+        logits = predict(teacher, transfer_data).float().cpu()
+        save_torch(path, {"logits": logits, "manifest": manifest})
+        write_json(path.with_suffix(".json"), manifest)
+        log.info("soft targets: wrote %s (%d x %d, %.1fs)", path, *logits.shape, time.perf_counter() - started)
+        return logits

@@ -1,0 +1,86 @@
+"""The teacher store: trained teachers under workdir/teachers/<key>/, found by a content key of
+what made them (teacher config, effective recipe, dataset identity, seed)."""
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from kdrun.errors import KdrunError
+from kdrun.io import atomic_write, content_key, read_json, sha256_file, write_json
+
+log = logging.getLogger("kdrun")
+
+
+def dataset_identity(ds):
+    return {"name": ds.name, "limit": ds.limit, "subset_seed": ds.subset_seed}
+
+
+def teacher_identity(cfg, seed):
+    """Everything that determines a trained teacher; `cfg.teacher.recipe` must be the effective recipe."""
+    return {
+        "teacher": OmegaConf.to_container(cfg.teacher, resolve=True),
+        "dataset": dataset_identity(cfg.dataset),
+        "seed": int(seed),
+    }
+
+
+def teacher_key(cfg, seed):
+    return content_key(teacher_identity(cfg, seed))
+
+
+def _entry(workdir, key):
+    return Path(workdir) / "teachers" / key
+
+
+def lookup(workdir, key):
+    path = _entry(workdir, key) / "model.pt"
+    return path if path.is_file() else None
+
+
+def publish(workdir, key, model_path, identity, run_dir, results):
+    entry = _entry(workdir, key)
+    with open(model_path, "rb") as src:
+        atomic_write(entry / "model.pt", lambda f: shutil.copyfileobj(src, f))
+    write_json(entry / "teacher.json", {"key": key, "identity": identity, "run_dir": str(run_dir),
+                                        "sha256": sha256_file(entry / "model.pt"), "results": results})
+    return entry / "model.pt"
+
+
+def stored_results(workdir, key):
+    return read_json(_entry(workdir, key) / "teacher.json").get("results", {})
+
+
+def _flatten(obj, prefix=""):
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def missing_teacher_message(cfg, seed, command):
+    """Say which command trains the teacher, and how a near-miss in the store differs."""
+    identity = teacher_identity(cfg, seed)
+    want = _flatten(identity)
+    near = []
+    for meta in sorted((Path(cfg.workdir) / "teachers").glob("*/teacher.json")):
+        have = _flatten(read_json(meta).get("identity", {}))
+        if have.get("teacher.name") == want["teacher.name"] and have.get("dataset.name") == want["dataset.name"]:
+            diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+            near.append(" ".join(f"{k}={json.dumps(have.get(k))}" for k in diff))
+    msg = (f"no trained teacher {cfg.teacher.name} for {cfg.dataset.name} with seed {seed} and this recipe "
+           f"(key {content_key(identity)}); train it with: {command}")
+    if near:
+        msg += f"; or use the stored one trained with {near[0]} by adding that to your command"
+    return msg
+
+
+def require_teacher(workdir, key, message):
+    path = lookup(workdir, key)
+    if path is None:
+        raise KdrunError(message)
+    return path

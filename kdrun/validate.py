@@ -1,0 +1,88 @@
+"""Checks of a composed config that Hydra cannot make, each with one exact message."""
+
+import math
+import numbers
+
+from omegaconf import OmegaConf
+
+from kdrun.errors import KdrunError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def _number(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise KdrunError(f"{name} must be a number, got {value!r}")
+    return value
+
+
+def _int(name, value, minimum, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        tail = " or null" if allow_none else ""
+        raise KdrunError(f"{name} must be an integer >= {minimum}{tail}, got {value!r}")
+
+
+def _in_range(name, value, lo, hi, hi_open=False):
+    v = _number(name, value)
+    if v < lo or v > hi or (hi_open and v == hi):
+        bracket = ")" if hi_open else "]"
+        raise KdrunError(f"{name} must be in [{lo}, {hi}{bracket}, got {value!r}")
+
+
+def _positive(name, value):
+    if _number(name, value) <= 0:
+        raise KdrunError(f"{name} must be > 0, got {value!r}")
+
+
+def _model(role, spec):
+    m = spec.model
+    for key in ("dropout_input", "dropout_hidden", "dropout"):
+        if key in m:
+            _in_range(f"{role}.model.{key}", m[key], 0, 1, hi_open=True)
+    if "hidden" in m:
+        hidden = list(m.hidden) if OmegaConf.is_list(m.hidden) else m.hidden
+        if not isinstance(hidden, list) or not hidden or any(
+                isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
+            raise KdrunError(f"{role}.model.hidden must be a non-empty list of integers >= 1, got {hidden!r}")
+    if m.get("max_norm") is not None:
+        _positive(f"{role}.model.max_norm", m.max_norm)
+    r = spec.recipe
+    _int(f"{role}.recipe.epochs", r.epochs, 1)
+    _int(f"{role}.recipe.batch_size", r.batch_size, 1)
+    _int(f"{role}.recipe.jitter", r.jitter, 0)
+    _positive(f"{role}.recipe.optimizer.lr", r.optimizer.lr)
+
+
+def validate(cfg):
+    """Raise KdrunError for the first bad value in a composed (unresolved) command config."""
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    if "T" in cfg:
+        _positive("T", cfg.T)
+    if "alpha" in cfg:
+        _in_range("alpha", cfg.alpha, 0, 1)
+    for key in ("epochs", "batch_size"):
+        _int(key, cfg.get(key), 1, allow_none=True)
+    if cfg.get("lr") is not None:
+        _positive("lr", cfg.lr)
+    _int("seed", cfg.seed, 0)
+    _int("teacher_seed", cfg.teacher_seed, 0)
+    if cfg.device not in DEVICES:
+        raise KdrunError(f"device must be one of {', '.join(DEVICES)}, got {cfg.device!r}")
+    ds = cfg.dataset
+    _int("dataset.limit", ds.limit, 1, allow_none=True)
+    _int("dataset.test_limit", ds.test_limit, 1, allow_none=True)
+    if ds.limit is not None and ds.limit < ds.num_classes:
+        raise KdrunError(f"dataset.limit must be at least the number of classes ({ds.num_classes}), got {ds.limit}")
+    for role in ("teacher", "student"):
+        _model(role, cfg[role])
+    for name in ("temperature", "alpha_schedule"):
+        sched = cfg.get(name, {})
+        for key in ("start", "end"):
+            if key in sched:
+                _number(f"{name}.{key}", sched[key])
+    if "start" in cfg.get("temperature", {}):
+        _positive("temperature.start", cfg.temperature.start)
+    if "start" in cfg.get("alpha_schedule", {}):
+        _in_range("alpha_schedule.start", cfg.alpha_schedule.start, 0, 1)

@@ -1,0 +1,165 @@
+"""Every bad input ends in one `kdrun: error: ...` line, a non-zero exit, and an untouched workdir."""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import KDRUN, QUICK, write_mnist_like
+
+T30 = ["teacher=mlp30", "teacher.recipe.epochs=1"]
+
+
+def run(args, env, cwd):
+    return subprocess.run([*KDRUN, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def snapshot(*roots):
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for root in roots for p in Path(root).rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, data_dir):
+    """A workdir with a trained mlp30 teacher and its cache, and damaged files beside it."""
+    import os
+
+    root = tmp_path_factory.mktemp("bad_input")
+    env = {**os.environ, "KDRUN_WORKDIR": str(root / "work"), "KDRUN_DATA": str(data_dir)}
+    for args in (["train", *T30, *QUICK], ["soft-targets", *T30, *QUICK]):
+        assert run(args, env, root).returncode == 0
+    teacher = next((root / "work" / "teachers").glob("*/model.pt"))
+    cache = next((root / "work" / "soft_targets").glob("*/*.pt"))
+    files = root / "files"
+    files.mkdir()
+    (files / "garbage.pt").write_text("not a checkpoint")
+    (files / "truncated.pt").write_bytes(teacher.read_bytes()[: teacher.stat().st_size // 2])
+    torch.save({"weights": torch.zeros(3)}, files / "foreign.pt")
+    # a teacher trained on MNIST-shaped data: the wrong dataset for a Fashion-MNIST student
+    mnist = root / "mnist_data"
+    write_mnist_like(mnist / "MNIST" / "raw", n_train=100, n_test=50)
+    menv = {**env, "KDRUN_WORKDIR": str(root / "mnist_work"), "KDRUN_DATA": str(mnist)}
+    assert run(["train", *T30, "progress=false"], menv, root).returncode == 0
+    shutil.copy(next((root / "mnist_work" / "teachers").glob("*/model.pt")), files / "mnist_teacher.pt")
+    # a workdir whose soft-target cache is damaged
+    shutil.copytree(root / "work", root / "work_bad_cache")
+    bad_cache = root / "work_bad_cache" / cache.relative_to(root / "work")
+    bad_cache.write_bytes(b"PK\x03\x04 truncated")
+    # a data dir whose training labels are cut short
+    bad_data = root / "bad_data" / "FashionMNIST" / "raw"
+    shutil.copytree(Path(data_dir) / "FashionMNIST" / "raw", bad_data)
+    labels = bad_data / "train-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes()[:-100])
+    (root / "empty_data").mkdir()
+    return {"root": root, "env": env, "teacher": teacher, "files": files, "bad_cache": bad_cache,
+            "bad_labels": labels}
+
+
+D = "kdrun distill"
+CASES = [
+    # (id, args, expected stderr line: exact, or a regex when it holds a content key)
+    ("alpha-high", ["distill", *T30, *QUICK, "alpha=1.5"], "kdrun: error: alpha must be in [0, 1], got 1.5"),
+    ("alpha-negative", ["distill", *T30, *QUICK, "alpha=-0.1"], "kdrun: error: alpha must be in [0, 1], got -0.1"),
+    ("alpha-text", ["distill", *T30, *QUICK, "alpha=abc"], "kdrun: error: alpha must be a number, got 'abc'"),
+    ("T-zero", ["distill", *T30, *QUICK, "T=0"], "kdrun: error: T must be > 0, got 0"),
+    ("T-negative", ["distill", *T30, *QUICK, "T=-2"], "kdrun: error: T must be > 0, got -2"),
+    ("T-text", ["distill", *T30, *QUICK, "T=abc"], "kdrun: error: T must be a number, got 'abc'"),
+    ("temperature-number", ["distill", *QUICK, "temperature=7"],
+     "kdrun: error: temperature picks a schedule (anneal, constant); to set the value use T=7"),
+    ("unknown-command", ["frobnicate"],
+     "kdrun: error: unknown command 'frobnicate'; choose from: train, soft-targets, distill, pipeline"),
+    ("misspelt-command", ["distil"],
+     "kdrun: error: unknown command 'distil' (did you mean distill?); choose from: train, soft-targets, distill, pipeline"),
+    ("unknown-teacher", ["train", "teacher=resnet", *QUICK],
+     "kdrun: error: unknown teacher 'resnet'; choose from: cnn, mlp1200, mlp30, mlp300, mlp800"),
+    ("unknown-student", ["distill", "student=big", *QUICK],
+     "kdrun: error: unknown student 'big'; choose from: mlp30, mlp300, mlp800"),
+    ("unknown-dataset", ["distill", "dataset=cifar"],
+     "kdrun: error: unknown dataset 'cifar'; choose from: fashion_mnist, mnist"),
+    ("unknown-key", ["distill", *QUICK, "foo=1"],
+     f"kdrun: error: unknown key 'foo' for {D} (`{D} --help` lists the keys)"),
+    ("unknown-nested-key", ["distill", *QUICK, "teacher.model.widht=3"],
+     f"kdrun: error: unknown key 'teacher.model.widht' for {D} (`{D} --help` lists the keys)"),
+    ("model-group", ["train", *QUICK, "model=cnn"],
+     "kdrun: error: model is not chosen directly; use teacher=NAME or student=NAME"),
+    ("unknown-flag", ["distill", "--bogus"], "kdrun: error: unrecognized arguments: --bogus"),
+    ("epochs-negative", ["distill", *T30, *QUICK, "epochs=-1"],
+     "kdrun: error: epochs must be an integer >= 1 or null, got -1"),
+    ("epochs-text", ["train", *QUICK, "epochs=two"], "kdrun: error: epochs must be an integer >= 1 or null, got 'two'"),
+    ("recipe-epochs-zero", ["train", *QUICK, "teacher.recipe.epochs=0"],
+     "kdrun: error: teacher.recipe.epochs must be an integer >= 1, got 0"),
+    ("lr-zero", ["distill", *T30, *QUICK, "lr=0"], "kdrun: error: lr must be > 0, got 0"),
+    ("batch-size-zero", ["distill", *T30, *QUICK, "batch_size=0"],
+     "kdrun: error: batch_size must be an integer >= 1 or null, got 0"),
+    ("limit-negative", ["distill", *T30, *QUICK, "dataset.limit=-5"],
+     "kdrun: error: dataset.limit must be an integer >= 1 or null, got -5"),
+    ("test-limit-zero", ["distill", *T30, *QUICK, "dataset.test_limit=0"],
+     "kdrun: error: dataset.test_limit must be an integer >= 1 or null, got 0"),
+    ("hidden-zero", ["train", *QUICK, "teacher=mlp30", "teacher.model.hidden=[0]"],
+     "kdrun: error: teacher.model.hidden must be a non-empty list of integers >= 1, got [0]"),
+    ("dropout-high", ["train", *QUICK, "teacher.model.dropout_input=1.5"],
+     "kdrun: error: teacher.model.dropout_input must be in [0, 1), got 1.5"),
+    ("device-unknown", ["distill", *T30, *QUICK, "device=tpu"],
+     "kdrun: error: device must be one of auto, cpu, cuda, mps, got 'tpu'"),
+    ("sweep-without-m", ["distill", *T30, *QUICK, "T=1,2"],
+     "kdrun: error: T=1,2 is a sweep; add -m to run it: kdrun ... -m T=1,2"),
+    ("sweep-bad-point", ["distill", *T30, *QUICK, "-m", "alpha=0.5,1.5"],
+     "kdrun: error: alpha must be in [0, 1], got 1.5"),
+    ("missing-teacher", ["distill", "teacher=mlp300", *QUICK],
+     r"kdrun: error: no trained teacher mlp300 for fashion_mnist with seed 0 and this recipe \(key [0-9a-f]{12}\); "
+     r"train it with: kdrun train teacher=mlp300 dataset=fashion_mnist dataset\.limit=1000 "
+     r"dataset\.test_limit=500 seed=0"),
+    ("teacher-recipe-near-miss", ["distill", "teacher=mlp30", *QUICK],
+     r"kdrun: error: no trained teacher mlp30 .*; or use the stored one trained with teacher\.recipe\.epochs=1 "
+     r"by adding that to your command"),
+    ("teacher-other-architecture", ["distill", *QUICK, "teacher=mlp300", "teacher_ckpt={teacher}"],
+     "kdrun: error: teacher checkpoint {teacher} is mlp30 (hidden=[30, 30], dropout_input=0.0, dropout_hidden=0.0, "
+     "max_norm=None), but teacher=mlp300 is (hidden=[300, 300], dropout_input=0.0, dropout_hidden=0.0, "
+     "max_norm=None); pass teacher=mlp30"),
+    ("teacher-other-dataset", ["distill", *T30, *QUICK, "teacher_ckpt={files}/mnist_teacher.pt"],
+     "kdrun: error: teacher checkpoint {files}/mnist_teacher.pt was trained on mnist, not fashion_mnist"),
+    ("teacher-ckpt-missing", ["distill", *T30, *QUICK, "teacher_ckpt={files}/nope.pt"],
+     "kdrun: error: teacher checkpoint not found: {files}/nope.pt"),
+    ("checkpoint-garbage", ["distill", *T30, *QUICK, "teacher_ckpt={files}/garbage.pt"],
+     "kdrun: error: corrupt teacher checkpoint {files}/garbage.pt: not a PyTorch zip archive"),
+    ("checkpoint-truncated", ["distill", *T30, *QUICK, "teacher_ckpt={files}/truncated.pt"],
+     "kdrun: error: corrupt teacher checkpoint {files}/truncated.pt: not a PyTorch zip archive"),
+    ("checkpoint-foreign", ["distill", *T30, *QUICK, "teacher_ckpt={files}/foreign.pt"],
+     "kdrun: error: {files}/foreign.pt is not a kdrun model checkpoint"),
+    ("cache-corrupt", ["distill", *T30, *QUICK, "workdir={root}/work_bad_cache"],
+     "kdrun: error: corrupt soft-target cache {bad_cache}: not a PyTorch zip archive"),
+    ("dataset-absent-offline", ["train", "dataset=mnist", "data_dir={root}/empty_data"],
+     "kdrun: error: dataset mnist not found in {root}/empty_data/MNIST/raw, torchvision download (failed or offline); "
+     "try dataset=fashion_mnist (Debian's dataset-fashion-mnist package)"),
+    ("idx-truncated", ["train", *QUICK, "data_dir={root}/bad_data"],
+     "kdrun: error: corrupt IDX file {bad_labels}: expected 60008 bytes for shape [60000], found 59908"),
+]
+
+
+@pytest.mark.parametrize("args,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_nonzero_and_harmless(world, args, expected):
+    fill = {k: str(v) for k, v in world.items() if k != "env"}
+    args = [a.format(**fill) for a in args]
+    expected = expected.format(**fill) if "{" in expected and "\\" not in expected else expected
+    watched = [world["root"] / "work", world["root"] / "work_bad_cache", world["root"] / "bad_data"]
+    before = snapshot(*watched)
+    proc = run(args, world["env"], world["root"])
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    if "\\" in expected:
+        assert re.fullmatch(expected, lines[0]), lines[0]
+    else:
+        assert lines[0] == expected
+    assert proc.stdout == ""
+    assert snapshot(*watched) == before  # nothing created, changed or removed
+
+
+def test_cuda_requested_without_cuda(world):
+    if torch.cuda.is_available():
+        pytest.fail("this test expects a machine without CUDA (CI has none)")
+    proc = run(["distill", *T30, *QUICK, "device=cuda"], world["env"], world["root"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "kdrun: error: device=cuda but CUDA is not available here; use device=cpu or device=auto"

@@ -1,0 +1,193 @@
+"""The pieces under the CLI: training loop guards, cache reuse, recipes, schedules, models."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from conftest import QUICK
+from kdrun import soft_targets, store
+from kdrun.cli import conf_dir
+from kdrun.commands.common import fold_recipe_overrides
+from kdrun.data.batches import DeviceData
+from kdrun.errors import KdrunError
+from kdrun.loop import fit
+from kdrun.models import MLP
+from kdrun.objectives import CachedLogits, HintonKD
+from kdrun.schedules import Anneal, Constant, LrShape
+
+
+def config(name="distill", overrides=()):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def tiny_data(n=64):
+    g = torch.Generator().manual_seed(0)
+    return DeviceData(torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8),
+                      torch.arange(n) % 10, 0.5, 0.5, "cpu")
+
+
+class NullRecorder:
+    name = "test"
+
+    def __init__(self):
+        self.rows = []
+
+    def epoch_end(self, row, *args):
+        self.rows.append(row)
+
+
+def test_non_finite_loss_stops_the_run_with_epoch_step_and_lr():
+    model = MLP([1, 28, 28], 10, [8])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+    def objective(m, batch, progress):
+        logits = m(batch.x)
+        return logits, logits.sum() * float("nan"), {}
+
+    with pytest.raises(KdrunError) as e:
+        fit(model, objective, tiny_data(), tiny_data(), opt, sched, epochs=2, batch_size=16, jitter=0,
+            generator=torch.Generator().manual_seed(0), recorder=NullRecorder(), progress=False)
+    assert str(e.value) == "loss is nan at epoch 1 step 1 (lr=0.1)"
+
+
+def test_fit_logs_every_objective_term_per_epoch():
+    data = tiny_data()
+    teacher_logits = torch.randn(len(data), 10)
+    objective = HintonKD(Anneal(8.0, 2.0), Constant(0.5), CachedLogits(teacher_logits))
+    model = MLP([1, 28, 28], 10, [16])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    rec = NullRecorder()
+    fit(model, objective, data, data, opt, torch.optim.lr_scheduler.LambdaLR(opt, LrShape(8)), epochs=2,
+        batch_size=16, jitter=1, generator=torch.Generator().manual_seed(0), recorder=rec, progress=False)
+    assert [r["epoch"] for r in rec.rows] == [1, 2] and rec.rows[-1]["step"] == 8
+    first = rec.rows[0]
+    assert {"loss", "ce", "kd_scaled", "kd_unscaled", "T", "alpha", "train_accuracy", "test_errors"} <= set(first)
+    assert 2.0 < rec.rows[1]["T"] < first["T"] < 8.0  # the annealed T, averaged over each epoch
+    assert first["loss"] == pytest.approx(0.5 * first["kd_scaled"] + 0.5 * first["ce"], rel=1e-5)
+
+
+def test_cache_is_reused_when_its_manifest_matches_and_recomputed_when_not(tmp_path, caplog):
+    data = tiny_data(32)
+    model = MLP([1, 28, 28], 10, [8]).eval()
+    ckpt = tmp_path / "teacher.pt"
+    torch.save({"model": model.state_dict()}, ckpt)
+    transfer = {"dataset": "x", "split": "train", "limit": None, "subset_seed": 0, "n": 32, "transform": "t"}
+    manifest = soft_targets.manifest_for(ckpt, transfer, 10)
+    path = tmp_path / "cache" / "c.pt"
+    caplog.set_level(logging.INFO, logger="kdrun")
+    first = soft_targets.get_or_compute(path, manifest, model, data)
+    assert first.shape == (32, 10) and "wrote" in caplog.text
+    assert json.loads(path.with_suffix(".json").read_text()) == manifest
+
+    class Exploding(torch.nn.Module):
+        def forward(self, x):
+            raise AssertionError("a matching cache must not run the teacher")
+
+    caplog.clear()
+    assert torch.equal(soft_targets.get_or_compute(path, manifest, Exploding(), data), first)
+    assert "reusing" in caplog.text
+    caplog.clear()
+    other = {**manifest, "teacher_sha256": "0" * 64}  # the teacher was retrained
+    again = soft_targets.get_or_compute(path, other, model, data)
+    assert "does not match (manifest differs in teacher_sha256); recomputing" in caplog.text
+    assert torch.equal(again, first) and torch.load(path, weights_only=True)["manifest"] == other
+
+
+def test_recipe_overrides_go_to_the_trained_model_and_change_the_teacher_key():
+    cfg = config("train", ["teacher=mlp300", "epochs=3", "lr=0.2", "batch_size=64"])
+    folded = fold_recipe_overrides(cfg, ["teacher"])
+    r = folded.teacher.recipe
+    assert (r.epochs, r.optimizer.lr, r.batch_size) == (3, 0.2, 64)
+    assert (folded.epochs, folded.lr, folded.batch_size) == (None, None, None)
+    assert folded.student.recipe.epochs == cfg.student.recipe.epochs  # students untouched
+    assert store.teacher_key(folded, 0) != store.teacher_key(fold_recipe_overrides(config("train", ["teacher=mlp300"]), ["teacher"]), 0)
+    assert store.teacher_key(folded, 0) != store.teacher_key(folded, 1)
+    # distill looks the teacher up from its own recipe, whatever the student's overrides
+    d = fold_recipe_overrides(config("distill", ["teacher=mlp300", "epochs=3"]), ["student"])
+    t = fold_recipe_overrides(config("train", ["teacher=mlp300"]), ["teacher"])
+    assert store.teacher_key(d, 0) == store.teacher_key(t, 0) and d.student.recipe.epochs == 3
+
+
+def test_every_temperature_in_the_sweep_is_one_objective_config():
+    for T in (1, 2, 5, 10, 20):
+        cfg = config("distill", [f"T={T}", "alpha=0.5"])
+        from hydra.utils import instantiate
+
+        obj = instantiate(cfg.loss, teacher=CachedLogits(torch.zeros(1, 10)))
+        assert obj.temperature(0.3) == T and obj.alpha(0.7) == 0.5
+
+
+def test_schedules():
+    assert Constant(3)(0.0) == Constant(3)(1.0) == 3.0
+    a = Anneal(20, 4)
+    assert (a(0.0), a(0.5), a(1.0), a(2.0)) == (20.0, 12.0, 4.0, 4.0)
+    c = Anneal(20, 4, shape="cosine")
+    assert c(0.0) == 20.0 and c(1.0) == pytest.approx(4.0) and c(0.25) > a(0.25)
+    assert Anneal(0, 0).is_zero() and Constant(0).is_zero() and not Constant(0.1).is_zero()
+    cos = LrShape(100)
+    assert (cos(0), cos(50), cos(100)) == (1.0, pytest.approx(0.5), 0.0)
+    warm = LrShape(100, "constant", warmup_steps=10)
+    assert (warm(0), warm(9), warm(50)) == (0.1, 1.0, 1.0)
+
+
+def test_max_norm_caps_each_units_incoming_weights():
+    model = MLP([1, 28, 28], 10, [50, 50], max_norm=0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(100)
+    model.constrain()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            assert m.weight.norm(dim=1).max() <= 0.5 + 1e-5
+
+
+def test_mlp1200_is_the_papers_regularised_teacher_and_mlp800_the_plain_student():
+    cfg = config("distill")
+    t, s = cfg.teacher, cfg.student
+    assert list(t.model.hidden) == [1200, 1200] and t.model.dropout_input > 0 and t.model.dropout_hidden > 0
+    assert t.model.max_norm ** 2 == pytest.approx(15, abs=0.01) and t.recipe.jitter == 2
+    assert list(s.model.hidden) == [800, 800] and s.model.dropout_hidden == 0 and s.model.max_norm is None
+    assert s.recipe.jitter == 0 and cfg.dataset.name == "mnist"
+
+
+def test_same_seed_same_weights_on_cpu(kdrun, workdir):
+    args = ["train", "teacher=mlp30", "epochs=2", *QUICK]
+    kdrun(*args)
+    kdrun(*args, "retrain=true")
+    kdrun(*args, "retrain=true", "seed=1")
+    runs = sorted((workdir / "runs" / "train").iterdir())
+    weights = [torch.load(r / "model.pt", weights_only=True)["model"] for r in runs]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+    rows = [json.loads((r / "results.json").read_text()) for r in runs]
+    assert rows[0]["test_errors"] == rows[1]["test_errors"]
+
+
+def test_a_diverging_run_fails_with_one_line_and_a_failed_status(kdrun, workdir):
+    proc = kdrun("train", "teacher=mlp30", "lr=1e30", *QUICK, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("kdrun: error: loss is ") and " at epoch 1 step " in lines[-1]
+    assert not any("Traceback" in line for line in lines)
+    run = next((workdir / "runs" / "train").iterdir())
+    res = json.loads((run / "results.json").read_text())
+    assert res["status"] == "failed" and res["error"] == lines[-1].removeprefix("kdrun: error: ")
+    assert not (workdir / "teachers").exists()  # nothing half-trained reaches the store
+
+
+def test_shell_completion_knows_commands_and_group_options(env, tmp_path):
+    import subprocess
+    import sys
+
+    def query(line):
+        return subprocess.run([sys.executable, "-m", "kdrun", "-sc", "query=bash"], env={**env, "COMP_LINE": line},
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60).stdout.split()
+
+    assert query("kdrun di") == ["distill"]
+    assert query("kdrun distill teacher=") == [f"teacher={t}" for t in ("cnn", "mlp1200", "mlp30", "mlp300", "mlp800")]
