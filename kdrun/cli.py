@@ -158,9 +158,6 @@ def explain(exc, command=None):
     m = re.search(r"Could not override '([^']+)'\.\s*No match in the defaults list", text)
     if m:
         return f"'{m.group(1)}' cannot be chosen in {where}"
-    m = re.search(r"Key '([^']+)' is not in struct", text)
-    if m:
-        return f"unknown key '{m.group(1)}' for {where}"
     m = re.search(r"Could not find '([^']+)/([^']+)'", text)
     if m:
         return f"unknown {m.group(1)} '{m.group(2)}'; choose from: {', '.join(group_options(m.group(1)))}"

@@ -1,6 +1,7 @@
 """Atomic, verifiable file writes: every artifact is written to a temp file and renamed."""
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -45,16 +46,23 @@ def save_torch(path, obj):
 
 def load_torch(path, what="checkpoint"):
     """Load a kdrun artifact. weights_only=True: a checkpoint or cache can never run code."""
+    return load_torch_and_hash(path, what)[0]
+
+
+def load_torch_and_hash(path, what="checkpoint"):
+    """(payload, sha256) of one read of the file, so the hash is of the very bytes that were loaded."""
     path = Path(path)
     if not path.is_file():
         raise KdrunError(f"{what} not found: {path}")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; truncation breaks its index
+    data = path.read_bytes()
+    if not zipfile.is_zipfile(io.BytesIO(data)):  # torch.save writes a zip archive; truncation breaks its index
         raise KdrunError(f"corrupt {what} {path}: not a PyTorch zip archive")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise KdrunError(f"corrupt {what} {path}: {first}") from None
+    return payload, hashlib.sha256(data).hexdigest()
 
 
 def sha256_file(path):

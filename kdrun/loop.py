@@ -1,5 +1,6 @@
 """The one training loop. Every command trains through `fit`; methods live in objectives."""
 
+import contextlib
 import math
 import sys
 import time
@@ -7,6 +8,7 @@ from collections import defaultdict
 
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from kdrun.errors import KdrunError
 
@@ -26,45 +28,44 @@ def evaluate(model, data, batch_size=1000):
 
 
 def fit(model, objective, train, test, optimizer, scheduler, *, epochs, batch_size, jitter, generator,
-        recorder, start_epoch=0, progress="auto"):
+        recorder, progress="auto"):
     """Train for `epochs`; after each epoch evaluate on `test` and hand a metrics row to `recorder`."""
     steps_per_epoch = train.n_batches(batch_size)
     total_steps = epochs * steps_per_epoch
-    step = start_epoch * steps_per_epoch
+    step = 0
     show_bars = sys.stderr.isatty() if progress == "auto" else bool(progress)
-    epoch_bar = tqdm(range(start_epoch, epochs), desc=recorder.name, unit="epoch", disable=not show_bars,
-                     initial=start_epoch, total=epochs)
+    epoch_bar = tqdm(range(epochs), desc=recorder.name, unit="epoch", disable=not show_bars)
     row = {}
-    for epoch in epoch_bar:
-        model.train()
-        started = time.perf_counter()
-        sums = defaultdict(float)  # per-example sums, kept on the device until the epoch ends
-        correct = torch.zeros((), dtype=torch.long, device=train.device)
-        batches = train.batches(batch_size, shuffle=True, generator=generator, jitter=jitter)
-        for batch in tqdm(batches, total=steps_per_epoch, leave=False, unit="batch", disable=not show_bars):
-            logits, loss, logs = objective(model, batch, step / total_steps)
-            if not torch.isfinite(loss):
-                lr = optimizer.param_groups[0]["lr"]
-                raise KdrunError(f"loss is {float(loss.detach())} at epoch {epoch + 1} step {step + 1} (lr={lr:.3g})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            model.constrain()
-            n = batch.y.numel()
-            sums["loss"] = sums["loss"] + loss.detach() * n
-            for k, v in logs.items():
-                sums[k] = sums[k] + v * n
-            correct += (logits.argmax(1) == batch.y).sum()
-            step += 1
-        n_train = len(train)
-        row = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"]}
-        row.update({k: float(v) / n_train for k, v in sums.items()})
-        row["train_accuracy"] = float(correct) / n_train
-        row.update(evaluate(model, test))
-        row["seconds"] = time.perf_counter() - started
-        if not all(math.isfinite(v) for v in row.values() if isinstance(v, float)):
-            raise KdrunError(f"non-finite metrics at epoch {epoch + 1}: {row}")
-        epoch_bar.set_postfix(loss=f"{row['loss']:.4f}", test_err=row["test_errors"])
-        recorder.epoch_end(row, model, optimizer, scheduler, generator)
+    # with bars on screen, log lines go through tqdm so that they do not break the bars
+    with logging_redirect_tqdm() if show_bars else contextlib.nullcontext():
+        for epoch in epoch_bar:
+            model.train()
+            started = time.perf_counter()
+            sums = defaultdict(float)  # per-example sums, kept on the device until the epoch ends
+            correct = torch.zeros((), dtype=torch.long, device=train.device)
+            batches = train.batches(batch_size, shuffle=True, generator=generator, jitter=jitter)
+            for batch in tqdm(batches, total=steps_per_epoch, leave=False, unit="batch", disable=not show_bars):
+                logits, loss, logs = objective(model, batch, step / total_steps)
+                if not torch.isfinite(loss):
+                    lr = optimizer.param_groups[0]["lr"]
+                    raise KdrunError(f"loss is {float(loss.detach())} at epoch {epoch + 1} step {step + 1} (lr={lr:.3g})")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                model.constrain()
+                n = batch.y.numel()
+                sums["loss"] = sums["loss"] + loss.detach() * n
+                for k, v in logs.items():
+                    sums[k] = sums[k] + v * n
+                correct += (logits.argmax(1) == batch.y).sum()
+                step += 1
+            n_train = len(train)
+            row = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"]}
+            row.update({k: float(v) / n_train for k, v in sums.items()})
+            row["train_accuracy"] = float(correct) / n_train
+            row.update(evaluate(model, test))
+            row["seconds"] = time.perf_counter() - started
+            epoch_bar.set_postfix(loss=f"{row['loss']:.4f}", test_err=row["test_errors"])
+            recorder.epoch_end(row, model, optimizer, scheduler, generator)
     return row

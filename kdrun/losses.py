@@ -22,19 +22,16 @@ def kd_kl(student_logits, teacher_logits, T):
 
 
 def hinton_loss(student_logits, teacher_logits, labels, T, alpha):
-    """Hinton et al. 2015. Returns (total, parts) where parts hold each term for logging."""
-    parts = {}
-    total = student_logits.new_zeros(())
-    if alpha > 0:
-        soft = kd_kl(student_logits, teacher_logits, T)
-        parts["kd_unscaled"] = soft.detach()
-        parts["kd_scaled"] = (T * T * soft).detach()
-        total = total + alpha * T * T * soft
-    if alpha < 1:
-        hard = F.cross_entropy(student_logits, labels)
-        parts["ce"] = hard.detach()
-        total = total + (1 - alpha) * hard
-    return total, parts
+    """Hinton et al. 2015. Returns (total, parts); parts hold every term, unweighted, for logging.
+    With no teacher (teacher_logits None) alpha must be 0: the student trained alone."""
+    hard = F.cross_entropy(student_logits, labels)
+    if teacher_logits is None:
+        if alpha != 0:
+            raise ValueError(f"alpha={alpha} needs teacher logits")
+        return hard, {"ce": hard.detach()}
+    soft = kd_kl(student_logits, teacher_logits, T)
+    total = alpha * T * T * soft + (1 - alpha) * hard
+    return total, {"ce": hard.detach(), "kd_unscaled": soft.detach(), "kd_scaled": (T * T * soft).detach()}
 
 
 def logit_matching(student_logits, teacher_logits):

@@ -20,6 +20,7 @@ class Recorder:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
         self.checkpoint_path = self.dir / "checkpoints" / "last.pt"
+        self.metrics_path.unlink(missing_ok=True)  # a run into a reused hydra.run.dir starts afresh
 
     def epoch_end(self, row, model, optimizer, scheduler, generator):
         with open(self.metrics_path, "a") as f:

@@ -8,7 +8,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from kdrun.errors import KdrunError
-from kdrun.io import load_torch, save_torch, sha256_file, write_json
+from kdrun.io import load_torch, save_torch, write_json
 from kdrun.loop import predict
 
 log = logging.getLogger("kdrun")
@@ -18,9 +18,9 @@ def cache_path(workdir, teacher_key, transfer_key):
     return Path(workdir) / "soft_targets" / teacher_key / f"{transfer_key}.pt"
 
 
-def manifest_for(teacher_ckpt, transfer, num_classes):
+def manifest_for(teacher_sha256, transfer, num_classes):
     return {
-        "teacher_sha256": sha256_file(teacher_ckpt),
+        "teacher_sha256": teacher_sha256,
         **transfer,
         "shape": [transfer["n"], num_classes],
         "dtype": "float32",

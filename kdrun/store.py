@@ -6,6 +6,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from filelock import FileLock
 from omegaconf import OmegaConf
 
 from kdrun.errors import KdrunError
@@ -36,16 +37,19 @@ def _entry(workdir, key):
 
 
 def lookup(workdir, key):
-    path = _entry(workdir, key) / "model.pt"
-    return path if path.is_file() else None
+    """The stored teacher's model.pt, or None. teacher.json is written last: it marks a complete entry."""
+    entry = _entry(workdir, key)
+    return entry / "model.pt" if (entry / "teacher.json").is_file() and (entry / "model.pt").is_file() else None
 
 
 def publish(workdir, key, model_path, identity, run_dir, results):
     entry = _entry(workdir, key)
-    with open(model_path, "rb") as src:
+    entry.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(entry) + ".lock"), open(model_path, "rb") as src:
+        (entry / "teacher.json").unlink(missing_ok=True)
         atomic_write(entry / "model.pt", lambda f: shutil.copyfileobj(src, f))
-    write_json(entry / "teacher.json", {"key": key, "identity": identity, "run_dir": str(run_dir),
-                                        "sha256": sha256_file(entry / "model.pt"), "results": results})
+        write_json(entry / "teacher.json", {"key": key, "identity": identity, "run_dir": str(run_dir),
+                                            "sha256": sha256_file(entry / "model.pt"), "results": results})
     return entry / "model.pt"
 
 
@@ -63,7 +67,8 @@ def _flatten(obj, prefix=""):
 
 
 def missing_teacher_message(cfg, seed, command):
-    """Say which command trains the teacher, and how a near-miss in the store differs."""
+    """Say which command trains the teacher, and which stored teacher of the same name and dataset
+    differs least (as the overrides that would select it)."""
     identity = teacher_identity(cfg, seed)
     want = _flatten(identity)
     near = []
@@ -71,12 +76,18 @@ def missing_teacher_message(cfg, seed, command):
         have = _flatten(read_json(meta).get("identity", {}))
         if have.get("teacher.name") == want["teacher.name"] and have.get("dataset.name") == want["dataset.name"]:
             diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
-            near.append(" ".join(f"{k}={json.dumps(have.get(k))}" for k in diff))
+            near.append((len(diff), " ".join(_override(k, have.get(k)) for k in diff)))
     msg = (f"no trained teacher {cfg.teacher.name} for {cfg.dataset.name} with seed {seed} and this recipe "
            f"(key {content_key(identity)}); train it with: {command}")
     if near:
-        msg += f"; or use the stored one trained with {near[0]} by adding that to your command"
+        msg += f"; or use the stored one trained with {min(near)[1]} by adding that to your command"
     return msg
+
+
+def _override(key, value):
+    """A command-line override for an identity key: `seed` is the teacher's, the rest are config keys."""
+    key = "teacher_seed" if key == "seed" else key
+    return f"{key}={json.dumps(value, separators=(',', ':'))}"
 
 
 def require_teacher(workdir, key, message):

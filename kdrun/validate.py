@@ -24,6 +24,13 @@ def _int(name, value, minimum, allow_none=False):
         raise KdrunError(f"{name} must be an integer >= {minimum}{tail}, got {value!r}")
 
 
+def _int_list(name, value):
+    shown = list(value) if OmegaConf.is_list(value) else value
+    if not isinstance(shown, list) or not shown or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
+                                                         for v in shown):
+        raise KdrunError(f"{name} must be a non-empty list of integers >= 1, got {shown!r}")
+
+
 def _in_range(name, value, lo, hi, hi_open=False):
     v = _number(name, value)
     if v < lo or v > hi or (hi_open and v == hi):
@@ -41,11 +48,11 @@ def _model(role, spec):
     for key in ("dropout_input", "dropout_hidden", "dropout"):
         if key in m:
             _in_range(f"{role}.model.{key}", m[key], 0, 1, hi_open=True)
-    if "hidden" in m:
-        hidden = list(m.hidden) if OmegaConf.is_list(m.hidden) else m.hidden
-        if not isinstance(hidden, list) or not hidden or any(
-                isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
-            raise KdrunError(f"{role}.model.hidden must be a non-empty list of integers >= 1, got {hidden!r}")
+    for key in ("hidden", "channels"):
+        if key in m:
+            _int_list(f"{role}.model.{key}", m[key])
+    if "fc" in m:
+        _int(f"{role}.model.fc", m.fc, 1)
     if m.get("max_norm") is not None:
         _positive(f"{role}.model.max_norm", m.max_norm)
     r = spec.recipe
@@ -73,16 +80,13 @@ def validate(cfg):
     ds = cfg.dataset
     _int("dataset.limit", ds.limit, 1, allow_none=True)
     _int("dataset.test_limit", ds.test_limit, 1, allow_none=True)
+    _int("dataset.subset_seed", ds.subset_seed, 0)
     if ds.limit is not None and ds.limit < ds.num_classes:
         raise KdrunError(f"dataset.limit must be at least the number of classes ({ds.num_classes}), got {ds.limit}")
     for role in ("teacher", "student"):
         _model(role, cfg[role])
-    for name in ("temperature", "alpha_schedule"):
-        sched = cfg.get(name, {})
-        for key in ("start", "end"):
-            if key in sched:
-                _number(f"{name}.{key}", sched[key])
-    if "start" in cfg.get("temperature", {}):
-        _positive("temperature.start", cfg.temperature.start)
-    if "start" in cfg.get("alpha_schedule", {}):
-        _in_range("alpha_schedule.start", cfg.alpha_schedule.start, 0, 1)
+    for key in ("start", "end"):
+        if key in cfg.get("temperature", {}):
+            _positive(f"temperature.{key}", cfg.temperature[key])
+        if key in cfg.get("alpha_schedule", {}):
+            _in_range(f"alpha_schedule.{key}", cfg.alpha_schedule[key], 0, 1)

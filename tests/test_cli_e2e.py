@@ -90,7 +90,7 @@ def test_two_processes_compute_the_cache_once(kdrun, env, tmp_path, workdir):
 
 
 def test_pipeline_prints_teacher_alone_distilled_table(kdrun, workdir):
-    out = kdrun("pipeline", "teacher=mlp300", "student=mlp30", *QUICK, "epochs=1", "T=5")
+    out = kdrun("pipeline", "teacher=mlp300", "student=mlp30", *QUICK, "epochs=1", "T=5", "alpha=anneal")
     lines = out.stdout.splitlines()
     assert any(line.startswith("| teacher ") and " mlp300 " in line for line in lines)
     assert any(line.startswith("| student alone ") and " mlp30 " in line for line in lines)
@@ -99,10 +99,13 @@ def test_pipeline_prints_teacher_alone_distilled_table(kdrun, workdir):
     rows = results(run)["rows"]
     assert [r["role"] for r in rows] == ["teacher", "student alone", "distilled"]
     assert rows[1]["alpha"] == 0 and rows[2]["alpha"] == 0.9
+    # the student alone never sees the teacher, even when the distilled one anneals alpha
+    assert (rows[1]["teacher_key"], rows[1]["alpha_schedule"]) == (None, "Constant")
+    assert (rows[2]["teacher_key"], rows[2]["alpha_schedule"]) == (rows[0]["teacher_key"], "Anneal")
     assert (run / "report.md").read_text().count("|") > 20
     # a second pipeline reuses the stored teacher instead of training it again
     out = kdrun("pipeline", "teacher=mlp300", "student=mlp30", *QUICK, "epochs=1", "T=5")
-    assert "is already trained" in out.stderr
+    assert "is already trained" in out.stderr and "soft targets: reusing" in out.stderr
 
 
 def test_mnist_idx_files_written_by_the_test(kdrun, tmp_path):
@@ -110,7 +113,8 @@ def test_mnist_idx_files_written_by_the_test(kdrun, tmp_path):
     write_mnist_like(data / "MNIST" / "raw", n_train=300, n_test=100)
     extra = {"KDRUN_DATA": str(data)}
     teacher = ["teacher=mlp300", "teacher.recipe.epochs=3", "progress=false"]
-    kdrun("train", *teacher, extra_env=extra)  # the default dataset is mnist
+    kdrun("train", *teacher, f"hydra.run.dir={tmp_path / 'my_run'}", extra_env=extra)  # default dataset: mnist
+    assert results(tmp_path / "my_run")["dataset"] == "mnist"
     kdrun("distill", *teacher, "student=mlp30", "epochs=3", extra_env=extra)
     res = results(only((tmp_path / "work" / "runs" / "distill").iterdir()))
     assert res["dataset"] == "mnist" and res["n_test"] == 100

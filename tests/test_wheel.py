@@ -1,6 +1,7 @@
 """A non-editable wheel carries conf/ inside the package and runs from anywhere."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -10,8 +11,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_install_finds_its_config(tmp_path):
+    # build from a copy of the tracked files, so nothing stale in the checkout can slip into the wheel
+    source = tmp_path / "source"
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path / "dist"), str(REPO)], check=True, capture_output=True, timeout=300)
+                    "-w", str(tmp_path / "dist"), str(source)], check=True, capture_output=True, timeout=300)
     wheel = next((tmp_path / "dist").glob("kdrun-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "kdrun/conf/distill.yaml" in names and "kdrun/conf/teacher/mlp1200.yaml" in names

@@ -11,9 +11,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from kdrun.data.batches import DeviceData
-from kdrun.data.sources import check_split_files, load_split, locate, stratified_subset
+from kdrun.data.sources import check_split_files, load_split, locate, split_fingerprint, stratified_subset
 from kdrun.errors import KdrunError
-from kdrun.io import atomic_write, load_torch
+from kdrun.io import atomic_write, load_torch_and_hash
 from kdrun.loop import fit
 from kdrun.run import Recorder
 
@@ -70,6 +70,7 @@ def _read(raw_dir, split):
 def load_data(cfg, device):
     ds = cfg.dataset
     raw = locate(ds, cfg.data_dir)
+    transfer = transfer_identity(ds, raw)
     splits = {}
     for split, limit in (("train", ds.limit), ("test", ds.test_limit)):
         s = _read(str(raw), split)
@@ -79,7 +80,7 @@ def load_data(cfg, device):
             raise KdrunError(f"{ds.name} {split} labels go up to {int(s.labels.max())}, expected < {ds.num_classes}")
         idx = stratified_subset(s.labels, limit, ds.subset_seed)
         splits[split] = DeviceData(s.images[idx], s.labels[idx], ds.mean, ds.std, device)
-    transfer = transfer_identity(ds, len(splits["train"]))
+    assert transfer["n"] == len(splits["train"])
     return Data(splits["train"], splits["test"], tuple(ds.shape), int(ds.num_classes), transfer)
 
 
@@ -91,25 +92,46 @@ def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
+def check_buildable(cfg, roles):
+    """Build each role's model (on the meta device: no memory, no compute), optimizer and lr schedule,
+    so that a bad value is refused before a run starts rather than after."""
+    for role in roles:
+        try:
+            with torch.device("meta"):
+                model = instantiate(cfg[role].model, in_shape=list(cfg.dataset.shape),
+                                    num_classes=cfg.dataset.num_classes)
+            optimizer = instantiate(cfg[role].recipe.optimizer)(model.parameters())
+            instantiate(cfg[role].recipe.scheduler)(optimizer, total_steps=1)
+        except Exception as e:
+            raise KdrunError(f"invalid {role} config: {first_line(e.__cause__ or e)}") from None
+
+
+def first_line(exc):
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def check_inputs(cfg):
     """What every command checks before a run starts: the device exists, and the dataset is there
     with sound IDX headers (the images are not read). Returns the identity of the transfer set."""
     resolve_device(cfg.device)
     raw = locate(cfg.dataset, cfg.data_dir)
-    n_train = check_split_files(raw, "train")
     check_split_files(raw, "test")
-    return transfer_identity(cfg.dataset, min(n_train, cfg.dataset.limit or n_train))
+    return transfer_identity(cfg.dataset, raw)
 
 
-def transfer_identity(ds, n):
-    """What the teacher's soft targets are computed over: the train split, un-jittered."""
-    return {"dataset": ds.name, "split": "train", "limit": ds.limit, "subset_seed": ds.subset_seed, "n": n,
+def transfer_identity(ds, raw_dir):
+    """What the teacher's soft targets are computed over: the train split (which copy of it, by the
+    files' hashes), the subset, and the un-jittered transform."""
+    n_train = check_split_files(raw_dir, "train")
+    return {"dataset": ds.name, "split": "train", "files": split_fingerprint(raw_dir, "train"), "limit": ds.limit,
+            "subset_seed": ds.subset_seed, "n": min(n_train, ds.limit or n_train),
             "transform": f"normalize(mean={ds.mean}, std={ds.std}), no jitter"}
 
 
 def check_model_payload(path, dataset_name, expect_name, expect_arch, role="teacher"):
-    """Load a kdrun model.pt, refusing one of another dataset or architecture."""
-    payload = load_torch(path, f"{role} checkpoint")
+    """Load a kdrun model.pt, refusing one of another dataset or architecture; returns (payload, sha256)."""
+    payload, sha256 = load_torch_and_hash(path, f"{role} checkpoint")
     if not isinstance(payload, dict) or not {"model", "arch", "dataset"} <= set(payload):
         raise KdrunError(f"{path} is not a kdrun model checkpoint")
     if payload["dataset"] != dataset_name:
@@ -118,19 +140,19 @@ def check_model_payload(path, dataset_name, expect_name, expect_arch, role="teac
         name = payload.get("name", "another architecture")
         raise KdrunError(f"{role} checkpoint {path} is {name} {_describe(payload['arch'])}, but {role}={expect_name} "
                          f"is {_describe(expect_arch)}; pass {role}={name}")
-    return payload
+    return payload, sha256
 
 
 def load_model(path, data, dataset_name, expect_name, expect_arch, role="teacher"):
-    """Rebuild a model from a kdrun model.pt (see check_model_payload)."""
-    payload = check_model_payload(path, dataset_name, expect_name, expect_arch, role)
+    """Rebuild a model from a kdrun model.pt (see check_model_payload); returns (model, sha256)."""
+    payload, sha256 = check_model_payload(path, dataset_name, expect_name, expect_arch, role)
     model = build_model(payload["arch"], data)
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as e:
         raise KdrunError(f"{role} checkpoint {path} does not fit this dataset: "
                          f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
-    return model.to(data.train.device).eval()
+    return model.to(data.train.device).eval(), sha256
 
 
 def _describe(arch):

@@ -1,15 +1,11 @@
 """`kdrun pipeline`: train the teacher (if missing) -> soft targets -> student alone -> distilled student,
 then print a table of the three."""
 
-import logging
-
 from kdrun import store
 from kdrun.commands import distill, soft_targets, train
-from kdrun.commands.common import check_inputs, fold_recipe_overrides, save_config
+from kdrun.commands.common import check_buildable, check_inputs, fold_recipe_overrides, save_config
 from kdrun.io import atomic_write, write_json
 from kdrun.report import markdown_table
-
-log = logging.getLogger("kdrun")
 
 COLUMNS = [("model", "role"), ("arch", "arch"), ("T", "T"), ("alpha", "alpha"), ("test errors", "test_errors"),
            ("n test", "n_test"), ("test acc", "test_accuracy"), ("params", "n_params"), ("wall s", "wall_s")]
@@ -17,6 +13,9 @@ COLUMNS = [("model", "role"), ("arch", "arch"), ("T", "T"), ("alpha", "alpha"), 
 
 def preflight(cfg, overrides=()):
     check_inputs(cfg)
+    cfg = fold_recipe_overrides(cfg, ["teacher", "student"])
+    check_buildable(cfg, ["teacher"])
+    distill.check_student(cfg)
 
 
 def run(cfg, run_dir):
@@ -29,6 +28,7 @@ def run(cfg, run_dir):
     soft_targets.run(cfg, run_dir / "soft_targets")
     alone_cfg = cfg.copy()
     alone_cfg.alpha = 0.0
+    alone_cfg.alpha_schedule = {"_target_": "kdrun.schedules.Constant", "value": 0.0}  # no teacher, whatever the schedule
     alone = distill.run(alone_cfg, run_dir / "student_alone")
     distilled = distill.run(cfg, run_dir / "distilled")
     rows = [

@@ -50,8 +50,8 @@ def check(cfg, transfer, overrides=()):
 def cached_logits(cfg, data):
     """The teacher's logits over the transfer set, from the cache or computed once and cached."""
     path, key = resolve(cfg)
-    teacher = load_model(path, data, cfg.dataset.name, cfg.teacher.name, _arch(cfg))
-    manifest = soft_targets.manifest_for(path, data.transfer, data.num_classes)
+    teacher, sha256 = load_model(path, data, cfg.dataset.name, cfg.teacher.name, _arch(cfg))
+    manifest = soft_targets.manifest_for(sha256, data.transfer, data.num_classes)
     cache = soft_targets.cache_path(cfg.workdir, key, content_key(data.transfer))
     logits = soft_targets.get_or_compute(cache, manifest, teacher, data.train)
-    return logits, {"teacher": cfg.teacher.name, "teacher_key": key, "teacher_ckpt": str(path), "soft_targets": str(cache)}
+    return logits, {"teacher": cfg.teacher.name, "teacher_key": key, "teacher_sha256": sha256, "teacher_ckpt": str(path), "soft_targets": str(cache)}

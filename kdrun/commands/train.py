@@ -3,7 +3,7 @@
 import logging
 
 from kdrun import store
-from kdrun.commands.common import check_inputs, fold_recipe_overrides, load_data, resolve_device, save_config, train_model
+from kdrun.commands.common import check_buildable, check_inputs, fold_recipe_overrides, load_data, resolve_device, save_config, train_model
 from kdrun.io import write_json
 from kdrun.objectives import CrossEntropy
 
@@ -12,6 +12,7 @@ log = logging.getLogger("kdrun")
 
 def preflight(cfg, overrides=()):
     check_inputs(cfg)
+    check_buildable(fold_recipe_overrides(cfg, ["teacher"]), ["teacher"])
 
 
 def run(cfg, run_dir):

@@ -6,6 +6,6 @@ per method, in its own module; the training loop knows nothing about methods.
 
 from kdrun.objectives.cross_entropy import CrossEntropy
 from kdrun.objectives.hinton import HintonKD
-from kdrun.objectives.teachers import CachedLogits, OnlineTeacher
+from kdrun.objectives.teachers import CachedLogits
 
-__all__ = ["CrossEntropy", "HintonKD", "CachedLogits", "OnlineTeacher"]
+__all__ = ["CrossEntropy", "HintonKD", "CachedLogits"]

@@ -4,8 +4,6 @@ import torch.nn.functional as F
 class CrossEntropy:
     """Plain supervised training on labels (teachers, and students trained alone)."""
 
-    needs_teacher = False
-
     def __call__(self, model, batch, progress):
         logits = model(batch.x)
         loss = F.cross_entropy(logits, batch.y)

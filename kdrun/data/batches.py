@@ -1,0 +1,55 @@
+"""A whole split held as uint8 on the device; batches are sliced, jittered and normalised there."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # float, normalised [B, C, H, W]
+    y: torch.Tensor  # int64 [B]
+    idx: torch.Tensor  # positions in the split (keys into cached teacher logits)
+
+
+class DeviceData:
+    def __init__(self, images, labels, mean, std, device):
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+        self.device = torch.device(device)
+        self.mean, self.std = float(mean), float(std)
+
+    def __len__(self):
+        return self.labels.numel()
+
+    def batches(self, batch_size, shuffle=False, generator=None, jitter=0):
+        """Yield Batches; all randomness comes from a CPU generator so runs repeat across devices."""
+        n = len(self)
+        if shuffle:
+            order = torch.randperm(n, generator=generator).to(self.device, non_blocking=True)
+        else:
+            order = torch.arange(n, device=self.device)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            x = self.images[idx].float()
+            if jitter:
+                x = random_shift(x, jitter, generator)
+            x = x.sub_(255 * self.mean).div_(255 * self.std)
+            yield Batch(x, self.labels[idx], idx)
+
+    def n_batches(self, batch_size):
+        return -(-len(self) // batch_size)
+
+
+def random_shift(x, max_shift, generator=None):
+    """Shift each image by its own random (dy, dx) in [-k, k] pixels, filling with zeros."""
+    b, c, h, w = x.shape
+    k = int(max_shift)
+    offsets = torch.randint(0, 2 * k + 1, (2, b), generator=generator).to(x.device, non_blocking=True)
+    padded = F.pad(x, (k, k, k, k))
+    rows = offsets[0][:, None] + torch.arange(h, device=x.device)  # [B, H] rows of the padded image
+    cols = offsets[1][:, None] + torch.arange(w, device=x.device)
+    bi = torch.arange(b, device=x.device)[:, None, None, None]
+    ci = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
