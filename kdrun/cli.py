@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from kdrun.errors import KdrunError
+from kdrun.errors import KdrunError, first_line
 
 COMMANDS = {  # command word -> (primary config, module)
     "train": ("train", "kdrun.commands.train"),
@@ -161,10 +161,9 @@ def explain(exc, command=None):
     m = re.search(r"Could not find '([^']+)/([^']+)'", text)
     if m:
         return f"unknown {m.group(1)} '{m.group(2)}'; choose from: {', '.join(group_options(m.group(1)))}"
-    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
     if _is_user_error(exc):
-        return first
-    return f"{type(exc).__name__}: {first} (set KDRUN_DEBUG=1 for the traceback)"
+        return first_line(exc)
+    return f"{type(exc).__name__}: {first_line(exc)} (set KDRUN_DEBUG=1 for the traceback)"
 
 
 def _record_failure(run_dir, cfg, message):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from kdrun.errors import KdrunError
+from kdrun.errors import KdrunError, first_line
 
 
 def atomic_write(path, write_fn, mode="wb"):
@@ -60,8 +60,7 @@ def load_torch_and_hash(path, what="checkpoint"):
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KdrunError(f"corrupt {what} {path}: {first}") from None
+        raise KdrunError(f"corrupt {what} {path}: {first_line(e)}") from None
     return payload, hashlib.sha256(data).hexdigest()
 
 

@@ -1,7 +1,6 @@
 """What every command shares: device, data, models, recipes, and training one model to a run dir."""
 
 import functools
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,14 +11,12 @@ from omegaconf import OmegaConf
 
 from kdrun.data.batches import DeviceData
 from kdrun.data.sources import check_split_files, load_split, locate, split_fingerprint, stratified_subset
-from kdrun.errors import KdrunError
+from kdrun.errors import KdrunError, first_line
 from kdrun.io import atomic_write, load_torch_and_hash
 from kdrun.loop import fit
 from kdrun.run import Recorder
 
-log = logging.getLogger("kdrun")
-
-RECIPE_OVERRIDES = {"epochs": ("epochs",), "batch_size": ("batch_size",), "lr": ("optimizer", "lr")}
+RECIPE_OVERRIDES = {"epochs": "epochs", "batch_size": "batch_size", "lr": "optimizer.lr"}  # top-level -> recipe
 
 
 def resolve_device(name):
@@ -45,10 +42,7 @@ def fold_recipe_overrides(cfg, roles):
         if value is None:
             continue
         for role in roles:
-            node = cfg[role].recipe
-            for part in path[:-1]:
-                node = node[part]
-            node[path[-1]] = value
+            OmegaConf.update(cfg, f"{role}.recipe.{path}", value)
         cfg[key] = None
     return cfg
 
@@ -84,8 +78,8 @@ def load_data(cfg, device):
     return Data(splits["train"], splits["test"], tuple(ds.shape), int(ds.num_classes), transfer)
 
 
-def build_model(arch, data):
-    return instantiate(arch, in_shape=list(data.shape), num_classes=data.num_classes)
+def build_model(arch, shape, num_classes):
+    return instantiate(arch, in_shape=list(shape), num_classes=int(num_classes))
 
 
 def n_params(model):
@@ -98,17 +92,11 @@ def check_buildable(cfg, roles):
     for role in roles:
         try:
             with torch.device("meta"):
-                model = instantiate(cfg[role].model, in_shape=list(cfg.dataset.shape),
-                                    num_classes=cfg.dataset.num_classes)
+                model = build_model(cfg[role].model, cfg.dataset.shape, cfg.dataset.num_classes)
             optimizer = instantiate(cfg[role].recipe.optimizer)(model.parameters())
             instantiate(cfg[role].recipe.scheduler)(optimizer, total_steps=1)
         except Exception as e:
             raise KdrunError(f"invalid {role} config: {first_line(e.__cause__ or e)}") from None
-
-
-def first_line(exc):
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def check_inputs(cfg):
@@ -146,12 +134,11 @@ def check_model_payload(path, dataset_name, expect_name, expect_arch, role="teac
 def load_model(path, data, dataset_name, expect_name, expect_arch, role="teacher"):
     """Rebuild a model from a kdrun model.pt (see check_model_payload); returns (model, sha256)."""
     payload, sha256 = check_model_payload(path, dataset_name, expect_name, expect_arch, role)
-    model = build_model(payload["arch"], data)
+    model = build_model(payload["arch"], data.shape, data.num_classes)
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as e:
-        raise KdrunError(f"{role} checkpoint {path} does not fit this dataset: "
-                         f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
+        raise KdrunError(f"{role} checkpoint {path} does not fit its recorded architecture: {first_line(e)}") from None
     return model.to(data.train.device).eval(), sha256
 
 
@@ -164,7 +151,7 @@ def train_model(cfg, run_dir, role, objective, data, device, extra_results):
     spec = cfg[role]
     recipe = spec.recipe
     torch.manual_seed(cfg.seed)
-    model = build_model(spec.model, data).to(device)
+    model = build_model(spec.model, data.shape, data.num_classes).to(device)
     optimizer = instantiate(recipe.optimizer)(model.parameters())  # configs are partials
     steps = recipe.epochs * data.train.n_batches(recipe.batch_size)
     scheduler = instantiate(recipe.scheduler)(optimizer, total_steps=steps)

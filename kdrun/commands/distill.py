@@ -3,8 +3,8 @@
 from hydra.utils import instantiate
 
 from kdrun.commands import teacher
-from kdrun.commands.common import check_buildable, check_inputs, first_line, fold_recipe_overrides, load_data, resolve_device, save_config, train_model
-from kdrun.errors import KdrunError
+from kdrun.commands.common import check_buildable, check_inputs, fold_recipe_overrides, load_data, resolve_device, save_config, train_model
+from kdrun.errors import KdrunError, first_line
 from kdrun.objectives import CachedLogits
 
 
