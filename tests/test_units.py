@@ -189,3 +189,9 @@ def test_shell_completion_knows_commands_and_group_options(env, tmp_path):
 
     assert query("kdrun di") == ["distill"]
     assert query("kdrun distill teacher=") == [f"teacher={t}" for t in ("cnn", "mlp1200", "mlp30", "mlp300", "mlp800")]
+
+
+def test_demo_preset_is_a_cnn_teacher_for_mlp800_on_fashion_mnist():
+    cfg = config("pipeline", ["experiment=demo"])
+    assert (cfg.teacher.name, cfg.student.name, cfg.dataset.name, cfg.dataset.limit) == ("cnn", "mlp800", "fashion_mnist", 20000)
+    assert (cfg.teacher.recipe.epochs, cfg.student.recipe.epochs, cfg.T, cfg.alpha) == (10, 30, 4.0, 0.9)
