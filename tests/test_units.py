@@ -195,3 +195,14 @@ def test_demo_preset_is_a_cnn_teacher_for_mlp800_on_fashion_mnist():
     cfg = config("pipeline", ["experiment=demo"])
     assert (cfg.teacher.name, cfg.student.name, cfg.dataset.name, cfg.dataset.limit) == ("cnn", "mlp800", "fashion_mnist", 20000)
     assert (cfg.teacher.recipe.epochs, cfg.student.recipe.epochs, cfg.T, cfg.alpha) == (10, 30, 4.0, 0.9)
+
+
+def test_cached_logits_are_the_teachers_outputs_on_the_very_examples_of_each_shuffled_batch():
+    from kdrun.loop import predict
+
+    data = tiny_data(100)
+    teacher = MLP([1, 28, 28], 10, [8]).eval()
+    cache = CachedLogits(predict(teacher, data, batch_size=7))
+    with torch.no_grad():
+        for batch in data.batches(16, shuffle=True, generator=torch.Generator().manual_seed(3)):
+            assert torch.allclose(cache(batch), teacher(batch.x), atol=1e-6)
