@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from kdrun.errors import KdrunError, first_line
+from kdrun.errors import KdrunError, first_line, usage_error
 
 COMMANDS = {  # command word -> (primary config, module)
     "train": ("train", "kdrun.commands.train"),
@@ -21,6 +21,7 @@ COMMANDS = {  # command word -> (primary config, module)
     "distill": ("distill", "kdrun.commands.distill"),
     "pipeline": ("pipeline", "kdrun.commands.pipeline"),
 }
+PLAIN_COMMANDS = {"report": "summarise results.json files (sweeps, runs, a workdir) into report.md/.csv/.png"}
 # schedule group -> the top-level value it schedules (T and alpha are what users type)
 SCHEDULE_GROUPS = {"temperature": "T", "alpha_schedule": "alpha"}
 NOT_CHOSEN_DIRECTLY = {"model": "teacher=NAME or student=NAME", "recipe": "teacher.recipe.KEY=VALUE or epochs=N"}
@@ -50,6 +51,7 @@ def usage():
     width = max(map(len, COMMANDS))
     lines = [f"  {word.ljust(width)}  {OmegaConf.load(conf_dir() / f'{name}.yaml').summary}"
              for word, (name, _) in COMMANDS.items()]
+    lines += [f"  {word.ljust(width)}  {summary}" for word, summary in PLAIN_COMMANDS.items()]
     return "\n".join([
         "usage: kdrun COMMAND [KEY=VALUE ...] [-m] [--cfg job] [--help]",
         "",
@@ -69,11 +71,7 @@ def _parse_args(argv):
     from hydra._internal.utils import get_args_parser
 
     parser = get_args_parser()
-
-    def error(message):
-        raise KdrunError(message)
-
-    parser.error = error
+    parser.error = usage_error
     return parser.parse_intermixed_args(argv)  # `a=1 -m b=1,2` as well as `-m a=1 b=1,2`
 
 
@@ -225,7 +223,7 @@ def complete(argv):
     line_ends_word = not os.environ.get("COMP_LINE", "").endswith(" ")
     if len(words) < 2 or (len(words) == 2 and line_ends_word):
         prefix = words[1] if len(words) == 2 else ""
-        print(" ".join(c for c in COMMANDS if c.startswith(prefix)))
+        print(" ".join(c for c in [*COMMANDS, *PLAIN_COMMANDS] if c.startswith(prefix)))
         return 0
     if words[1] not in COMMANDS:
         return 0
@@ -246,10 +244,15 @@ def dispatch(argv):
         print(f"kdrun {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
+    if command == "report":
+        from kdrun import report
+
+        return report.main(rest)
     if command not in COMMANDS:
-        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        words = [*COMMANDS, *PLAIN_COMMANDS]
+        close = difflib.get_close_matches(command, words, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        raise KdrunError(f"unknown command '{command}'{hint}; choose from: {', '.join(COMMANDS)}")
+        raise KdrunError(f"unknown command '{command}'{hint}; choose from: {', '.join(words)}")
     args = _parse_args(rest)
     overrides = _expand_alpha_shorthand(args.overrides)
     flags = [a for a in rest if a not in args.overrides]

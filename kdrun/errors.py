@@ -5,3 +5,8 @@ class KdrunError(Exception):
 def first_line(exc):
     """The first non-empty line of an exception's message (or its type's name)."""
     return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
+def usage_error(message):
+    """argparse's `error` hook: a usage mistake becomes one `kdrun: error:` line, not argparse's exit."""
+    raise KdrunError(message)

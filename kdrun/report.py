@@ -1,4 +1,18 @@
-"""Plain-text tables of results.json rows."""
+"""Tables and plots of results.json files: what a sweep or a pipeline measured, grouped over seeds."""
+
+import csv
+import io
+import statistics
+from pathlib import Path
+
+from kdrun.errors import KdrunError, usage_error
+from kdrun.io import atomic_write, read_json
+
+# what tells two runs' setups apart; the seed is what the mean and std are taken over
+GROUP_KEYS = ("role", "dataset", "teacher", "student", "loss", "T", "alpha", "temperature_schedule",
+              "alpha_schedule", "epochs", "n_test")
+COLUMNS = [("model", "role"), ("teacher", "teacher"), ("student", "student"), ("T", "T"), ("alpha", "alpha"),
+           ("test errors", "errors"), ("test acc", "accuracy"), ("n", "n"), ("gap recovered", "gap_recovered")]
 
 
 def _cell(v):
@@ -10,8 +24,189 @@ def _cell(v):
 def markdown_table(rows, columns):
     """rows: dicts; columns: (header, key) pairs. Returns a Markdown table as a string."""
     cells = [[_cell(r.get(key)) for _, key in columns] for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, (h, _) in enumerate(columns)]
-    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (h, _) in enumerate(columns)]
+
+    def line(values):
+        return "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"
+
     out = [line([h for h, _ in columns]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    out += [line(c) for c in cells]
-    return "\n".join(out)
+    return "\n".join(out + [line(c) for c in cells])
+
+
+def role(result):
+    if result.get("command") == "train":
+        return "teacher"
+    return "student alone" if result.get("teacher_key") is None else "distilled"
+
+
+def collect(paths):
+    """Every train/distill results.json under `paths` (files or folders), plus the stored results of
+    each teacher a distilled run names, so a sweep dir alone yields its teacher's row."""
+    runs = {}
+    for path in map(Path, paths):
+        for f in [path] if path.is_file() else sorted(path.rglob("results.json")):
+            r = read_json(f)
+            if r.get("command") in ("train", "distill"):
+                r = {**r, "role": role(r)}
+                if r["role"] == "student alone":
+                    r["T"] = None  # T means nothing without a teacher: alone runs at any T are one setup
+                runs[r.get("run_dir", str(f.parent))] = r
+    for r in list(runs.values()):
+        meta = Path(r["teacher_ckpt"]).with_name("teacher.json") if r.get("teacher_ckpt") else None
+        if r["role"] == "distilled" and meta is not None and meta.is_file():
+            t = read_json(meta)["results"]
+            runs.setdefault(t["run_dir"], {**t, "role": "teacher"})
+    return list(runs.values())
+
+
+def summarise(runs):
+    """One row per setup: mean and std of test errors over seeds, and the share of the
+    teacher-student gap each distilled setup recovered."""
+    done = [r for r in runs if r.get("status") in ("completed", "reused")]
+    groups = {}
+    for r in done:
+        groups.setdefault(tuple(r.get(k) for k in GROUP_KEYS), []).append(r)
+    rows = []
+    for key, members in groups.items():
+        errors = [m["test_errors"] for m in members]
+        row = dict(zip(GROUP_KEYS, key))
+        row.update(errors_mean=statistics.fmean(errors), errors_std=statistics.stdev(errors) if len(errors) > 1 else 0.0,
+                   accuracy=statistics.fmean(m["test_accuracy"] for m in members), n=len(members),
+                   seeds=sorted(m.get("seed") for m in members), teacher_key=members[0].get("teacher_key"))
+        row["errors"] = f"{row['errors_mean']:.1f} ± {row['errors_std']:.1f}"
+        rows.append(row)
+    for row in rows:
+        if row["role"] == "distilled":
+            row["gap_recovered"] = _gap(row, rows)
+    order = {"teacher": 0, "student alone": 1, "distilled": 2}
+    rows.sort(key=lambda r: (order[r["role"]], str(r["student"]), r["T"] or 0, r["alpha"] or 0))
+    failed = [r for r in runs if r.get("status") not in ("completed", "reused")]
+    return rows, failed
+
+
+def _gap(row, rows):
+    """(errors alone - errors distilled) / (errors alone - errors teacher), from the group means."""
+    alone = [r for r in rows if r["role"] == "student alone" and r["student"] == row["student"]
+             and r["dataset"] == row["dataset"] and r["epochs"] == row["epochs"] and r["n_test"] == row["n_test"]]
+    teacher = [r for r in rows if r["role"] == "teacher" and r["teacher_key"] == row["teacher_key"]]
+    if len(alone) != 1 or len(teacher) != 1:
+        return None
+    gap = alone[0]["errors_mean"] - teacher[0]["errors_mean"]
+    return (alone[0]["errors_mean"] - row["errors_mean"]) / gap if gap > 0 else None
+
+
+def _gap_cell(rows):
+    return [{**r, "gap_recovered": None if r.get("gap_recovered") is None else f"{r['gap_recovered']:.1%}"}
+            for r in rows]
+
+
+def render(rows, failed, title):
+    text = f"# {title}\n\n{markdown_table(_gap_cell(rows), COLUMNS)}\n"
+    text += "\nTest errors are the last epoch's, mean ± std over seeds (n runs); gap recovered = " \
+            "(errors alone - errors distilled) / (errors alone - errors teacher).\n"
+    if failed:
+        text += "\nFailed runs:\n\n" + "\n".join(f"- {r.get('run_dir')}: {r.get('error')}" for r in failed) + "\n"
+    return text
+
+
+def to_csv(rows):
+    buf = io.StringIO()
+    fields = [*GROUP_KEYS, "errors_mean", "errors_std", "accuracy", "n", "seeds", "gap_recovered"]
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def plot(rows, path):
+    """Test errors against T (log axis), one line per student, with the teacher and each student
+    alone as horizontal lines; error bars are the std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for student in sorted({r["student"] for r in rows if r["role"] == "distilled"}):
+        points = sorted((r["T"], r["errors_mean"], r["errors_std"]) for r in rows
+                        if r["role"] == "distilled" and r["student"] == student)
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
+                    capsize=3, label=f"{student} distilled")
+    for r in rows:
+        if r["role"] != "distilled":
+            name = f"{r['teacher']} (teacher)" if r["role"] == "teacher" else f"{r['student']} alone"
+            teacher = r["role"] == "teacher"
+            ax.axhline(r["errors_mean"], linestyle="--" if teacher else ":", color="black" if teacher else "gray",
+                       label=name)
+    temperatures = sorted({r["T"] for r in rows if r["role"] == "distilled"})
+    ax.set_xscale("log")
+    ax.set_xticks(temperatures, [f"{t:g}" for t in temperatures])
+    ax.minorticks_off()
+    ax.set_xlabel("temperature T")
+    ax.set_ylabel(f"test errors (of {rows[0]['n_test']})" if rows else "test errors")
+    ax.legend(fontsize="small")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+
+
+def write(paths, out_dir, title="kdrun report"):
+    rows, failed = summarise(collect(paths))
+    out_dir = Path(out_dir)
+    text = render(rows, failed, title)
+    atomic_write(out_dir / "report.md", lambda f: f.write(text), mode="w")
+    atomic_write(out_dir / "report.csv", lambda f: f.write(to_csv(rows)), mode="w")
+    if any(r["role"] == "distilled" and r["T"] is not None for r in rows):
+        plot(rows, out_dir / "report.png")
+    return text, rows
+
+
+def write_sweep_summary(sweep_dir, task_overrides):
+    """summary.csv: one row per job of a sweep with every swept key, its status and its numbers.
+    A job with no results.json (killed) still gets a row."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(task_overrides))
+    swept = [o.get_key_element() for o in parsed if o.is_sweep_override()]
+    rows = []
+    for job in sorted((p for p in Path(sweep_dir).iterdir() if (p / ".hydra" / "overrides.yaml").is_file()),
+                      key=lambda p: int(p.name) if p.name.isdigit() else p.name):
+        values = dict(o.partition("=")[::2] for o in _overrides_of(job))
+        result = read_json(job / "results.json") if (job / "results.json").is_file() else {"status": "missing"}
+        rows.append({"job": job.name, **{k: values.get(k) for k in swept},
+                     **{k: result.get(k) for k in ("status", "test_accuracy", "test_errors", "wall_s", "error")}})
+    fields = ["job", *swept, "status", "test_accuracy", "test_errors", "wall_s", "error"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(Path(sweep_dir) / "summary.csv", lambda f: f.write(buf.getvalue()), mode="w")
+    return rows
+
+
+def _overrides_of(job_dir):
+    from omegaconf import OmegaConf
+
+    return [str(o) for o in OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")]
+
+
+def main(argv):
+    """`kdrun report PATH... [--out DIR]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="kdrun report", description="Summarise results.json files under PATHs.")
+    parser.add_argument("paths", nargs="+", help="sweep dirs, run dirs, results.json files or a workdir")
+    parser.add_argument("--out", help="where report.md/.csv/.png go (default: the first PATH if a folder, else .)")
+    parser.error = usage_error
+    args = parser.parse_args(argv)
+    for p in args.paths:
+        if not Path(p).exists():
+            raise KdrunError(f"no such file or folder: {p}")
+    out = Path(args.out or (args.paths[0] if Path(args.paths[0]).is_dir() else "."))
+    text, rows = write(args.paths, out)
+    if not rows:
+        raise KdrunError(f"no completed train or distill results under {', '.join(args.paths)}")
+    print(text)
+    print(f"written: {out / 'report.md'}, {out / 'report.csv'}" + (f", {out / 'report.png'}" if (out / "report.png").exists() else ""))
+    return 0
