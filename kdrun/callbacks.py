@@ -3,11 +3,15 @@
 from hydra.experimental.callback import Callback
 
 
+LAST_SWEEP = []  # the summary rows of the sweep that ended last in this process
+
+
 class SweepSummary(Callback):
-    """Write summary.csv in the sweep dir when a multirun ends (kdrun catches job errors, so Hydra
-    reaches this even when jobs failed; `kdrun report` does not depend on it)."""
+    """Write summary.csv in the sweep dir when a multirun ends. It runs in the main process whatever
+    the launcher (jobs in joblib or submitit workers included), so the CLI learns of failed jobs from
+    it. kdrun catches job errors, so Hydra reaches it even when jobs failed."""
 
     def on_multirun_end(self, config, **kwargs):
         from kdrun.report import write_sweep_summary
 
-        write_sweep_summary(config.hydra.sweep.dir, config.hydra.overrides.task)
+        LAST_SWEEP[:] = write_sweep_summary(config.hydra.sweep.dir, config.hydra.overrides.task)

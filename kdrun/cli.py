@@ -184,7 +184,7 @@ def run_hydra(command, argv):
     from hydra.types import RunMode
 
     config_name, module_name = COMMANDS[command]
-    failures = []  # (exception, run mode); kept here so Hydra prints nothing of its own
+    failures = []  # a single run's exception, kept here so that Hydra prints nothing of its own
 
     def task(cfg):
         module = importlib.import_module(module_name)  # torch loads here, not for --help
@@ -195,10 +195,14 @@ def run_hydra(command, argv):
         except Exception as e:
             message = explain(e, command)
             _record_failure(run_dir, cfg, message)
-            if hc.mode == RunMode.MULTIRUN:
+            if hc.mode == RunMode.MULTIRUN:  # the sweep goes on; its summary reports the failure
                 log.error("job %s failed: %s", run_dir, message)
-            failures.append((e, hc.mode))
+            else:
+                failures.append(e)
 
+    from kdrun.callbacks import LAST_SWEEP
+
+    LAST_SWEEP.clear()
     app = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=config_name)(task)
     saved = sys.argv
     sys.argv = ["kdrun", *argv]
@@ -207,10 +211,11 @@ def run_hydra(command, argv):
         app()
     finally:
         sys.argv = saved
-    if failures and failures[0][1] == RunMode.RUN:
-        raise failures[0][0]
     if failures:
-        raise KdrunError(f"{len(failures)} sweep job(s) failed; first: {explain(failures[0][0], command)}")
+        raise failures[0]
+    failed = [row for row in LAST_SWEEP if row["status"] != "completed"]
+    if failed:
+        raise KdrunError(f"{len(failed)} sweep job(s) failed; first: {failed[0].get('error') or failed[0]['status']}")
 
 
 def complete(argv):
