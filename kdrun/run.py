@@ -36,7 +36,7 @@ class Recorder:
             "rng": {"torch": torch.get_rng_state(), "data": generator.get_state()},
             "kdrun_version": __version__,
         })
-        terms = " ".join(f"{k}={row[k]:.4f}" for k in ("loss", "ce", "kd_scaled", "kd_unscaled") if k in row)
+        terms = " ".join(f"{k}={row[k]:.4f}" for k in ("loss", "ce", "kd_scaled", "kd_unscaled", "logit_mse") if k in row)
         log.info("%s epoch %d: %s train_acc=%.4f test_errors=%d/%d lr=%.3g (%.1fs)", self.name, row["epoch"],
                  terms, row["train_accuracy"], row["test_errors"], row["n_test"], row["lr"], row["seconds"])
 

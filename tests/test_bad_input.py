@@ -84,6 +84,8 @@ CASES = [
      "kdrun: error: unknown teacher 'resnet'; choose from: cnn, mlp1200, mlp30, mlp300, mlp800"),
     ("unknown-student", ["distill", "student=big", *QUICK],
      "kdrun: error: unknown student 'big'; choose from: mlp30, mlp300, mlp800"),
+    ("unknown-loss", ["distill", *QUICK, "loss=foo"],
+     "kdrun: error: unknown loss 'foo'; choose from: hinton, logit_matching"),
     ("unknown-dataset", ["distill", "dataset=cifar"],
      "kdrun: error: unknown dataset 'cifar'; choose from: fashion_mnist, mnist"),
     ("unknown-key", ["distill", *QUICK, "foo=1"],

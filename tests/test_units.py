@@ -206,3 +206,31 @@ def test_cached_logits_are_the_teachers_outputs_on_the_very_examples_of_each_shu
     with torch.no_grad():
         for batch in data.batches(16, shuffle=True, generator=torch.Generator().manual_seed(3)):
             assert torch.allclose(cache(batch), teacher(batch.x), atol=1e-6)
+
+
+def test_logit_matching_objective_weights_the_mse_by_alpha():
+    import torch.nn.functional as F
+
+    from kdrun.losses import logit_matching
+    from kdrun.objectives import LogitMatching
+
+    data = tiny_data(32)
+    teacher_logits = torch.randn(32, 10)
+    model = MLP([1, 28, 28], 10, [8])
+    batch = next(data.batches(32))
+    logits, loss, logs = LogitMatching(Constant(0.3), CachedLogits(teacher_logits))(model, batch, 0.5)
+    expected = 0.3 * logit_matching(logits, teacher_logits[batch.idx]) + 0.7 * F.cross_entropy(logits, batch.y)
+    assert torch.allclose(loss, expected) and set(logs) == {"ce", "logit_mse", "alpha"}
+    with pytest.raises(ValueError, match="needs a teacher"):
+        LogitMatching(Constant(0.3))
+
+
+def test_distill_with_logit_matching(kdrun, workdir):
+    teacher = ["teacher=mlp30", "teacher.recipe.epochs=1"]
+    kdrun("train", *teacher, *QUICK)
+    kdrun("distill", *teacher, *QUICK, "epochs=1", "loss=logit_matching", "alpha=0.5")
+    run = next((workdir / "runs" / "distill").iterdir())
+    res = json.loads((run / "results.json").read_text())
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert res["loss"] == "LogitMatching" and res["status"] == "completed"
+    assert row["loss"] == pytest.approx(0.5 * row["logit_mse"] + 0.5 * row["ce"], rel=1e-4)
