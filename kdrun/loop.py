@@ -66,6 +66,8 @@ def fit(model, objective, train, test, optimizer, scheduler, *, epochs, batch_si
             row["train_accuracy"] = float(correct) / n_train
             row.update(evaluate(model, test))
             row["seconds"] = time.perf_counter() - started
+            if not all(math.isfinite(v) for v in row.values() if isinstance(v, float)):
+                raise KdrunError(f"non-finite metrics at epoch {epoch + 1}: {row}")
             epoch_bar.set_postfix(loss=f"{row['loss']:.4f}", test_err=row["test_errors"])
             recorder.epoch_end(row, model, optimizer, scheduler, generator)
     return row

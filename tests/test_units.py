@@ -234,3 +234,17 @@ def test_distill_with_logit_matching(kdrun, workdir):
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert res["loss"] == "LogitMatching" and res["status"] == "completed"
     assert row["loss"] == pytest.approx(0.5 * row["logit_mse"] + 0.5 * row["ce"], rel=1e-4)
+
+
+def test_a_non_finite_logged_term_stops_the_run_at_the_epoch_end():
+    model = MLP([1, 28, 28], 10, [8])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def objective(m, batch, progress):
+        logits = m(batch.x)
+        return logits, logits.pow(2).mean(), {"kd_unscaled": torch.tensor(float("inf"))}
+
+    with pytest.raises(KdrunError, match=r"^non-finite metrics at epoch 1: "):
+        fit(model, objective, tiny_data(), tiny_data(), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+            epochs=1, batch_size=16, jitter=0, generator=torch.Generator().manual_seed(0), recorder=NullRecorder(),
+            progress=False)

@@ -22,11 +22,12 @@ def uses_teacher(cfg):
 def check_student(cfg):
     """The student's model, recipe and objective can be built, and fit cached soft targets."""
     check_buildable(cfg, ["student"])
+    with_teacher = uses_teacher(cfg)
     try:
-        instantiate(cfg.loss, teacher=CachedLogits(None) if uses_teacher(cfg) else None)
+        instantiate(cfg.loss, teacher=CachedLogits(None) if with_teacher else None)
     except Exception as e:
         raise KdrunError(f"invalid loss config: {first_line(e.__cause__ or e)}") from None
-    if cfg.student.recipe.jitter and uses_teacher(cfg):
+    if cfg.student.recipe.jitter and with_teacher:
         raise KdrunError("student.recipe.jitter must be 0 with cached soft targets: they are the teacher's "
                          "outputs on unshifted inputs, and a shifted view would be paired with them")
 
