@@ -54,16 +54,17 @@ def fit(model, objective, train, test, optimizer, scheduler, *, epochs, batch_si
                 optimizer.step()
                 scheduler.step()
                 model.constrain()
-                n = batch.y.numel()
+                n = batch.x.shape[0]
                 sums["loss"] = sums["loss"] + loss.detach() * n
                 for k, v in logs.items():
                     sums[k] = sums[k] + v * n
-                correct += (logits.argmax(1) == batch.y).sum()
+                if batch.y is not None:
+                    correct += (logits.argmax(1) == batch.y).sum()
                 step += 1
             n_train = len(train)
             row = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"]}
             row.update({k: float(v) / n_train for k, v in sums.items()})
-            row["train_accuracy"] = float(correct) / n_train
+            row["train_accuracy"] = float(correct) / n_train if train.labelled else None
             row.update(evaluate(model, test))
             row["seconds"] = time.perf_counter() - started
             if not all(math.isfinite(v) for v in row.values() if isinstance(v, float)):

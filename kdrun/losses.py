@@ -5,7 +5,6 @@ Convention: alpha weights the soft term,
 KL summed over classes and averaged over the batch ("batchmean").
 """
 
-import torch
 import torch.nn.functional as F
 
 
@@ -23,7 +22,13 @@ def kd_kl(student_logits, teacher_logits, T):
 
 def hinton_loss(student_logits, teacher_logits, labels, T, alpha):
     """Hinton et al. 2015. Returns (total, parts); parts hold every term, unweighted, for logging.
-    With no teacher (teacher_logits None) alpha must be 0: the student trained alone."""
+    With no teacher (teacher_logits None) alpha must be 0: the student trained alone; with no labels
+    (labels None, an unlabeled transfer set) alpha must be 1."""
+    if labels is None:
+        if alpha != 1 or teacher_logits is None:
+            raise ValueError(f"alpha={alpha} needs labels")
+        soft = kd_kl(student_logits, teacher_logits, T)
+        return T * T * soft, {"kd_unscaled": soft.detach(), "kd_scaled": (T * T * soft).detach()}
     hard = F.cross_entropy(student_logits, labels)
     if teacher_logits is None:
         if alpha != 0:

@@ -9,10 +9,16 @@ from kdrun.errors import KdrunError, usage_error
 from kdrun.io import atomic_write, read_json
 
 # what tells two runs' setups apart; the seed is what the mean and std are taken over
-GROUP_KEYS = ("role", "dataset", "teacher", "student", "loss", "T", "alpha", "temperature_schedule",
-              "alpha_schedule", "epochs", "n_test")
-COLUMNS = [("model", "role"), ("teacher", "teacher"), ("student", "student"), ("T", "T"), ("alpha", "alpha"),
-           ("test errors", "errors"), ("test acc", "accuracy"), ("n", "n"), ("gap recovered", "gap_recovered")]
+GROUP_KEYS = ("label", "role", "dataset", "teacher", "student", "loss", "T", "alpha", "temperature_schedule",
+              "alpha_schedule", "epochs", "lr", "batch_size", "n_train", "n_test", "transfer_set", "labels", "augment",
+              "jitter")
+# (header, key, shown): "always", or "any" (when some row has a value) / "varies" (when rows differ)
+COLUMNS = [("model", "name", "always"), ("teacher", "teacher", "always"), ("student", "student", "always"),
+           ("loss", "loss", "varies"), ("transfer", "transfer", "any"), ("epochs", "epochs", "varies"),
+           ("T", "T", "always"), ("alpha", "alpha", "always"), ("test errors", "errors", "always"),
+           ("after bias correction", "corrected", "any"), ("bias shift", "shift", "any"),
+           ("train acc", "train_accuracy", "always"), ("test acc", "accuracy", "always"), ("n", "n", "always"),
+           ("gap recovered", "gap_recovered", "always")]
 
 
 def _cell(v):
@@ -41,22 +47,32 @@ def role(result):
 
 def collect(paths):
     """Every train/distill results.json under `paths` (files or folders), plus the stored results of
-    each teacher a distilled run names, so a sweep dir alone yields its teacher's row."""
-    runs = {}
+    each teacher a distilled run names, so a sweep dir alone yields its teacher's row. A teacher
+    appears once however many runs name or reuse it."""
+    runs, teachers = {}, {}
     for path in map(Path, paths):
         for f in [path] if path.is_file() else sorted(path.rglob("results.json")):
             r = read_json(f)
-            if r.get("command") in ("train", "distill"):
-                r = {**r, "role": role(r)}
-                if r["role"] == "student alone":
-                    r["T"] = None  # T means nothing without a teacher: alone runs at any T are one setup
-                runs[r.get("run_dir", str(f.parent))] = r
+            if r.get("command") not in ("train", "distill"):
+                continue
+            r = {**r, "role": role(r)}
+            if r["role"] == "teacher":
+                teachers.setdefault(r.get("teacher_key") or r.get("run_dir"), r)
+                continue
+            if r["role"] == "student alone":  # T and the soft loss mean nothing without a teacher
+                r["T"] = r["loss"] = None
+            runs[r.get("run_dir", str(f.parent))] = r
     for r in list(runs.values()):
         meta = Path(r["teacher_ckpt"]).with_name("teacher.json") if r.get("teacher_ckpt") else None
         if r["role"] == "distilled" and meta is not None and meta.is_file():
             t = read_json(meta)["results"]
-            runs.setdefault(t["run_dir"], {**t, "role": "teacher"})
-    return list(runs.values())
+            teachers.setdefault(t.get("teacher_key") or t["run_dir"], {**t, "role": "teacher"})
+    return list(teachers.values()) + list(runs.values())
+
+
+def _mean(members, get):
+    values = [get(m) for m in members]
+    return None if any(v is None for v in values) else statistics.fmean(values)
 
 
 def summarise(runs):
@@ -72,22 +88,36 @@ def summarise(runs):
         row = dict(zip(GROUP_KEYS, key))
         row.update(errors_mean=statistics.fmean(errors), errors_std=statistics.stdev(errors) if len(errors) > 1 else 0.0,
                    accuracy=statistics.fmean(m["test_accuracy"] for m in members), n=len(members),
+                   train_accuracy=_mean(members, lambda m: m.get("train_accuracy")),
                    seeds=sorted(m.get("seed") for m in members), teacher_key=members[0].get("teacher_key"))
         row["errors"] = f"{row['errors_mean']:.1f} ± {row['errors_std']:.1f}"
+        row["name"] = row["label"] or row["role"]
+        jitter = f"{row['jitter']}px jitter" if row["jitter"] and not row["augment"] else None
+        unlabeled = "unlabeled" if row["labels"] is False else None
+        row["transfer"] = "; ".join(filter(None, [row["transfer_set"], unlabeled, row["augment"] or jitter])) or None
+        corrected = _mean(members, lambda m: (m.get("bias_correction") or {}).get("test_errors_after"))
+        if corrected is not None:
+            row["corrected_mean"] = corrected
+            row["corrected"] = f"{corrected:.1f}"
+            row["shift"] = f"{_mean(members, lambda m: m['bias_correction']['shift']):+.2f}"
         rows.append(row)
     for row in rows:
         if row["role"] == "distilled":
             row["gap_recovered"] = _gap(row, rows)
     order = {"teacher": 0, "student alone": 1, "distilled": 2}
-    rows.sort(key=lambda r: (order[r["role"]], str(r["student"]), r["T"] or 0, r["alpha"] or 0))
+    rows.sort(key=lambda r: (order[r["role"]], str(r["student"]), str(r["label"]), r["T"] or 0, r["alpha"] or 0))
     failed = [r for r in runs if r.get("status") not in ("completed", "reused")]
     return rows, failed
 
 
 def _gap(row, rows):
-    """(errors alone - errors distilled) / (errors alone - errors teacher), from the group means."""
-    alone = [r for r in rows if r["role"] == "student alone" and r["student"] == row["student"]
-             and r["dataset"] == row["dataset"] and r["epochs"] == row["epochs"] and r["n_test"] == row["n_test"]]
+    """(errors alone - errors distilled) / (errors alone - errors teacher), from the group means. The
+    student alone is the plain one (no jitter) on the same transfer set; of several, the one trained
+    as many epochs."""
+    alone = [r for r in rows if r["role"] == "student alone" and not r["jitter"]
+             and all(r[k] == row[k] for k in ("student", "dataset", "n_train", "n_test", "transfer_set"))]
+    if len(alone) > 1:
+        alone = [r for r in alone if r["epochs"] == row["epochs"]]
     teacher = [r for r in rows if r["role"] == "teacher" and r["teacher_key"] == row["teacher_key"]]
     if len(alone) != 1 or len(teacher) != 1:
         return None
@@ -100,10 +130,46 @@ def _gap_cell(rows):
             for r in rows]
 
 
-def render(rows, failed, title):
-    text = f"# {title}\n\n{markdown_table(_gap_cell(rows), COLUMNS)}\n"
+def paper_section(rows, paper):
+    """How a preset's setup differs from the paper's, and the paper's numbers beside the ones measured
+    here. `paper`: {source, dataset, n_test, differences: [...], rows: [{run, errors, corrected, what}]}."""
+    lines = [f"## Compared with {paper['source']}", ""]
+    lines += [f"- {d}" for d in paper.get("differences") or []]
+    table = []
+    for ref in paper.get("rows") or []:
+        mine = [r for r in rows if r["name"] == ref["run"]]
+        here = "; ".join(r["errors"] + (f" (T={r['T']:g})" if len(mine) > 1 and r["T"] else "") for r in mine) or "not run"
+        fixed = "; ".join(r["corrected"] for r in mine if r.get("corrected")) or None
+        table.append({"run": ref["run"], "what": ref.get("what"), "paper": ref.get("errors"),
+                      "paper_fixed": ref.get("corrected"), "here": here, "here_fixed": fixed})
+    n_here = rows[0]["n_test"] if rows else "?"
+    columns = [("run", "run"), ("setup in the paper", "what"),
+               (f"paper: errors of {paper.get('n_test', 10000)} ({paper.get('dataset', 'MNIST')})", "paper"),
+               (f"here: errors of {n_here}", "here")]
+    if any(t["paper_fixed"] is not None or t["here_fixed"] for t in table):
+        columns[3:3] = [("paper: after bias fix", "paper_fixed")]
+        columns.append(("here: after bias correction", "here_fixed"))
+    if table:
+        lines += ["", markdown_table(table, columns)]
+    return "\n".join(lines) + "\n\n## Results\n\n"
+
+
+def visible_columns(rows):
+    def shown(key, when):
+        values = [r.get(key) for r in rows if r.get(key) is not None]
+        return when == "always" or (when == "any" and values) or (when == "varies" and len(set(values)) > 1)
+
+    return [(header, key) for header, key, when in COLUMNS if shown(key, when)]
+
+
+def render(rows, failed, title, notes=""):
+    text = f"# {title}\n\n{notes}{markdown_table(_gap_cell(rows), visible_columns(rows))}\n"
     text += "\nTest errors are the last epoch's, mean ± std over seeds (n runs); gap recovered = " \
-            "(errors alone - errors distilled) / (errors alone - errors teacher).\n"
+            "(errors alone - errors distilled) / (errors alone - errors teacher), against the plain student " \
+            "alone (no jitter) on the same transfer set, of the same epochs where there are several.\n"
+    if any(r.get("corrected") for r in rows):
+        text += "Bias correction: one additive shift of the affected classes' logits, tuned on a validation " \
+                "split carved from the training data (never the test set).\n"
     if failed:
         text += "\nFailed runs:\n\n" + "\n".join(f"- {r.get('run_dir')}: {r.get('error')}" for r in failed) + "\n"
     return text
@@ -111,7 +177,8 @@ def render(rows, failed, title):
 
 def to_csv(rows):
     buf = io.StringIO()
-    fields = [*GROUP_KEYS, "errors_mean", "errors_std", "accuracy", "n", "seeds", "gap_recovered"]
+    fields = [*GROUP_KEYS, "errors_mean", "errors_std", "accuracy", "train_accuracy", "n", "seeds", "gap_recovered",
+              "corrected_mean", "shift"]
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
@@ -127,14 +194,14 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for student in sorted({r["student"] for r in rows if r["role"] == "distilled"}):
+    for name, student in sorted({(r["name"], r["student"]) for r in rows if r["role"] == "distilled"}):
         points = sorted((r["T"], r["errors_mean"], r["errors_std"]) for r in rows
-                        if r["role"] == "distilled" and r["student"] == student)
+                        if r["role"] == "distilled" and (r["name"], r["student"]) == (name, student))
         ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
-                    capsize=3, label=f"{student} distilled")
+                    capsize=3, label=f"{student} {name}")
     for r in rows:
         if r["role"] != "distilled":
-            name = f"{r['teacher']} (teacher)" if r["role"] == "teacher" else f"{r['student']} alone"
+            name = f"{r['teacher']} (teacher)" if r["role"] == "teacher" else f"{r['student']} {r['name']}"
             teacher = r["role"] == "teacher"
             ax.axhline(r["errors_mean"], linestyle="--" if teacher else ":", color="black" if teacher else "gray",
                        label=name)
@@ -151,10 +218,12 @@ def plot(rows, path):
     plt.close(fig)
 
 
-def write(paths, out_dir, title="kdrun report"):
+def write(paths, out_dir, title="kdrun report", paper=None):
+    """Summarise, then write report.md/.csv (and .png when there are temperatures to plot).
+    `paper`: a preset's reference numbers and differences from the paper (see paper_section)."""
     rows, failed = summarise(collect(paths))
     out_dir = Path(out_dir)
-    text = render(rows, failed, title)
+    text = render(rows, failed, title, paper_section(rows, paper) if paper else "")
     atomic_write(out_dir / "report.md", lambda f: f.write(text), mode="w")
     atomic_write(out_dir / "report.csv", lambda f: f.write(to_csv(rows)), mode="w")
     if any(r["role"] == "distilled" and r["T"] is not None for r in rows):

@@ -13,6 +13,12 @@ from kdrun.io import save_torch, write_json
 log = logging.getLogger("kdrun")
 
 
+def save_model(path, model, arch, dataset, extra):
+    """A kdrun model.pt: weights plus what rebuilds them (see commands.common.load_model)."""
+    save_torch(path, {"model": model.state_dict(), "arch": arch, "dataset": dataset,
+                      "kdrun_version": __version__, **extra})
+
+
 class Recorder:
     def __init__(self, run_dir, name):
         self.dir = Path(run_dir)
@@ -37,13 +43,13 @@ class Recorder:
             "kdrun_version": __version__,
         })
         terms = " ".join(f"{k}={row[k]:.4f}" for k in ("loss", "ce", "kd_scaled", "kd_unscaled", "logit_mse") if k in row)
-        log.info("%s epoch %d: %s train_acc=%.4f test_errors=%d/%d lr=%.3g (%.1fs)", self.name, row["epoch"],
-                 terms, row["train_accuracy"], row["test_errors"], row["n_test"], row["lr"], row["seconds"])
+        train_acc = "-" if row["train_accuracy"] is None else f"{row['train_accuracy']:.4f}"
+        log.info("%s epoch %d: %s train_acc=%s test_errors=%d/%d lr=%.3g (%.1fs)", self.name, row["epoch"],
+                 terms, train_acc, row["test_errors"], row["n_test"], row["lr"], row["seconds"])
 
     def save_model(self, model, arch, dataset, extra):
         path = self.dir / "model.pt"
-        save_torch(path, {"model": model.state_dict(), "arch": arch, "dataset": dataset,
-                          "kdrun_version": __version__, **extra})
+        save_model(path, model, arch, dataset, extra)
         return path
 
     def results(self, results):

@@ -85,8 +85,49 @@ def validate(cfg):
         raise KdrunError(f"dataset.limit must be at least the number of classes ({ds.num_classes}), got {ds.limit}")
     for role in ("teacher", "student"):
         _model(role, cfg[role])
+    if "transfer" in cfg:
+        _transfer(cfg.transfer, ds)
     for key in ("start", "end"):
         if key in cfg.get("temperature", {}):
             _positive(f"temperature.{key}", cfg.temperature[key])
         if key in cfg.get("alpha_schedule", {}):
             _in_range(f"alpha_schedule.{key}", cfg.alpha_schedule[key], 0, 1)
+
+
+def _bool(name, value):
+    if not isinstance(value, bool):
+        raise KdrunError(f"{name} must be true or false, got {value!r}")
+
+
+def _classes(name, value, ds):
+    shown = list(value) if OmegaConf.is_list(value) else value
+    if not isinstance(shown, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in shown):
+        raise KdrunError(f"{name} must be a list of class indices, got {shown!r}")
+    for v in shown:
+        if not 0 <= v < ds.num_classes:
+            raise KdrunError(f"{name} has class {v}, but {ds.name} has classes 0..{ds.num_classes - 1}")
+    if len(set(shown)) != len(shown):
+        raise KdrunError(f"{name} lists a class twice: {shown}")
+
+
+def _transfer(t, ds):
+    _classes("transfer.exclude_classes", t.exclude_classes, ds)
+    _classes("transfer.only_classes", t.only_classes, ds)
+    if t.exclude_classes and t.only_classes:
+        raise KdrunError("set transfer.exclude_classes or transfer.only_classes, not both")
+    if len(t.exclude_classes) == ds.num_classes:
+        raise KdrunError(f"transfer.exclude_classes leaves out every class of {ds.name}")
+    v = _number("transfer.fraction", t.fraction)
+    if v <= 0 or v > 1:
+        raise KdrunError(f"transfer.fraction must be in (0, 1], got {t.fraction!r}")
+    for key in ("labels", "augment", "bias_correction"):
+        _bool(f"transfer.{key}", t[key])
+    _int("transfer.val_size", t.val_size, 0)
+    if ds.limit is not None and t.val_size >= ds.limit:
+        raise KdrunError(f"transfer.val_size ({t.val_size}) must be smaller than dataset.limit ({ds.limit})")
+    if t.bias_correction and not t.val_size:
+        raise KdrunError("transfer.bias_correction=true needs transfer.val_size > 0: the shift is tuned on a "
+                         "validation split carved from the training data, never on the test set")
+    if t.bias_correction and not (t.exclude_classes or t.only_classes):
+        raise KdrunError("transfer.bias_correction=true needs transfer.exclude_classes or transfer.only_classes "
+                         "(the classes whose bias is shifted)")

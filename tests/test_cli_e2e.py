@@ -1,9 +1,11 @@
 """The CLI end to end, in subprocesses, on a Fashion-MNIST subset and on MNIST-shaped IDX files."""
 
+import csv
 import json
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import KDRUN, QUICK, write_mnist_like
@@ -89,20 +91,25 @@ def test_two_processes_compute_the_cache_once(kdrun, env, tmp_path, workdir):
     assert torch.load(cache, weights_only=True)["logits"].shape == (1000, 10)
 
 
-def test_pipeline_prints_teacher_alone_distilled_table(kdrun, workdir):
+def test_pipeline_runs_teacher_alone_distilled_then_reports(kdrun, workdir):
     out = kdrun("pipeline", "teacher=mlp300", "student=mlp30", *QUICK, "epochs=1", "T=5", "alpha=anneal")
     lines = out.stdout.splitlines()
     assert any(line.startswith("| teacher ") and " mlp300 " in line for line in lines)
-    assert any(line.startswith("| student alone ") and " mlp30 " in line for line in lines)
+    assert any(line.startswith("| student_alone ") and " mlp30 " in line for line in lines)
     assert any(line.startswith("| distilled ") and " 5 " in line for line in lines)
     run = only((workdir / "runs" / "pipeline").iterdir())
-    rows = results(run)["rows"]
-    assert [r["role"] for r in rows] == ["teacher", "student alone", "distilled"]
-    assert rows[1]["alpha"] == 0 and rows[2]["alpha"] == 0.9
+    teacher, alone, distilled = (results(run / n) for n in ("teacher", "student_alone", "distilled"))
+    assert (alone["alpha"], distilled["alpha"]) == (0, 0.9)
     # the student alone never sees the teacher, even when the distilled one anneals alpha
-    assert (rows[1]["teacher_key"], rows[1]["alpha_schedule"]) == (None, "Constant")
-    assert (rows[2]["teacher_key"], rows[2]["alpha_schedule"]) == (rows[0]["teacher_key"], "Anneal")
-    assert (run / "report.md").read_text().count("|") > 20
+    assert (alone["teacher_key"], alone["alpha_schedule"]) == (None, "Constant")
+    assert (distilled["teacher_key"], distilled["alpha_schedule"]) == (teacher["teacher_key"], "Anneal")
+    # the pipeline ends with `kdrun report` of what it ran
+    table = list(csv.DictReader(open(run / "report.csv")))
+    assert [(r["role"], r["label"]) for r in table] == [("teacher", ""), ("student alone", "student_alone"),
+                                                        ("distilled", "distilled")]
+    gap = (alone["test_errors"] - distilled["test_errors"]) / (alone["test_errors"] - teacher["test_errors"])
+    assert float(table[2]["gap_recovered"]) == pytest.approx(gap)
+    assert results(run)["runs"] == [str(run / "student_alone"), str(run / "distilled")]
     # a second pipeline reuses the stored teacher instead of training it again
     out = kdrun("pipeline", "teacher=mlp300", "student=mlp30", *QUICK, "epochs=1", "T=5")
     assert "is already trained" in out.stderr and "soft targets: reusing" in out.stderr

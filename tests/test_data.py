@@ -1,6 +1,5 @@
 """IDX loading, stratified subsets and on-device batches."""
 
-from pathlib import Path
 
 import pytest
 import torch

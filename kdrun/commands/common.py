@@ -146,33 +146,35 @@ def _describe(arch):
     return "(" + ", ".join(f"{k}={v}" for k, v in arch.items() if k != "_target_") + ")"
 
 
-def train_model(cfg, run_dir, role, objective, data, device, extra_results):
-    """Build the `role` model (teacher or student), train it with `objective`, save its artifacts."""
+def train_model(cfg, run_dir, role, objective, data, train_set, device, extra_results):
+    """Build the `role` model (teacher or student), train it on `train_set` with `objective`, save
+    its artifacts. Returns (results, trained model)."""
     spec = cfg[role]
     recipe = spec.recipe
     torch.manual_seed(cfg.seed)
     model = build_model(spec.model, data.shape, data.num_classes).to(device)
     optimizer = instantiate(recipe.optimizer)(model.parameters())  # configs are partials
-    steps = recipe.epochs * data.train.n_batches(recipe.batch_size)
+    steps = recipe.epochs * train_set.n_batches(recipe.batch_size)
     scheduler = instantiate(recipe.scheduler)(optimizer, total_steps=steps)
     generator = torch.Generator().manual_seed(cfg.seed)
     recorder = Recorder(run_dir, f"{cfg.command}:{spec.name}")
     started = time.perf_counter()
-    last = fit(model, objective, data.train, data.test, optimizer, scheduler, epochs=recipe.epochs,
+    last = fit(model, objective, train_set, data.test, optimizer, scheduler, epochs=recipe.epochs,
                batch_size=recipe.batch_size, jitter=recipe.jitter, generator=generator, recorder=recorder,
                progress=cfg.progress)
     arch = OmegaConf.to_container(spec.model, resolve=True)
     model_path = recorder.save_model(model, arch, cfg.dataset.name, {"name": spec.name, "role": role})
     results = {
         "command": cfg.command, "status": "completed", "dataset": cfg.dataset.name,
-        "seed": cfg.seed, "epochs": recipe.epochs, "n_train": len(data.train), "n_params": n_params(model),
+        "seed": cfg.seed, "epochs": recipe.epochs, "lr": recipe.optimizer.lr, "batch_size": recipe.batch_size,
+        "n_train": len(train_set), "n_params": n_params(model),
         "wall_s": round(time.perf_counter() - started, 3), "run_dir": str(run_dir), "model": str(model_path),
         "train_accuracy": last.get("train_accuracy"),
         **{k: last[k] for k in ("test_accuracy", "test_errors", "n_test")},
         **extra_results,
     }
     recorder.results(results)
-    return results, model_path
+    return results, model
 
 
 def save_config(cfg, run_dir):

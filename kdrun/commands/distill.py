@@ -1,18 +1,36 @@
-"""`kdrun distill`: train a student from the teacher's cached soft targets (alpha=0: from labels alone)."""
+"""`kdrun distill`: train a student from the teacher's soft targets (alpha=0: from labels alone), on
+the transfer set that `transfer.*` selects, and optionally correct its output biases afterwards."""
 
+import logging
+
+import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
+from kdrun import bias
 from kdrun.commands import teacher
 from kdrun.commands.common import check_buildable, check_inputs, fold_recipe_overrides, load_data, resolve_device, save_config, train_model
+from kdrun.data.transfer import affected_classes, describe, select_rows, unseen_classes
 from kdrun.errors import KdrunError, first_line
-from kdrun.objectives import CachedLogits
+from kdrun.io import write_json
+from kdrun.loop import predict
+from kdrun.objectives import CachedLogits, OnlineTeacher
+from kdrun.run import save_model
+
+log = logging.getLogger("kdrun")
 
 
 def preflight(cfg, overrides=()):
     transfer = check_inputs(cfg)
     check_student(fold_recipe_overrides(cfg, ["student"]))
+    check_val_size(cfg, transfer["n"])
     if uses_teacher(cfg):
         teacher.check(cfg, transfer, overrides)
+
+
+def check_val_size(cfg, n_train):
+    if cfg.transfer.val_size >= n_train:
+        raise KdrunError(f"transfer.val_size ({cfg.transfer.val_size}) must be smaller than the train split ({n_train})")
 
 
 def uses_teacher(cfg):
@@ -20,34 +38,86 @@ def uses_teacher(cfg):
 
 
 def check_student(cfg):
-    """The student's model, recipe and objective can be built, and fit cached soft targets."""
+    """The student's model, recipe and objective can be built, and fit the teacher's signal."""
     check_buildable(cfg, ["student"])
     with_teacher = uses_teacher(cfg)
     try:
         instantiate(cfg.loss, teacher=CachedLogits(None) if with_teacher else None)
     except Exception as e:
         raise KdrunError(f"invalid loss config: {first_line(e.__cause__ or e)}") from None
-    if cfg.student.recipe.jitter and with_teacher:
+    if cfg.student.recipe.jitter and with_teacher and not cfg.transfer.augment:
         raise KdrunError("student.recipe.jitter must be 0 with cached soft targets: they are the teacher's "
-                         "outputs on unshifted inputs, and a shifted view would be paired with them")
+                         "outputs on unshifted inputs, and a shifted view would be paired with them "
+                         "(transfer.augment=true runs the teacher on the shifted view instead)")
+    if cfg.transfer.augment and not with_teacher:
+        raise KdrunError("transfer.augment=true needs a teacher (alpha > 0)")
+    if cfg.transfer.augment and not cfg.student.recipe.jitter:
+        raise KdrunError("transfer.augment=true needs student.recipe.jitter > 0: the teacher sees the "
+                         "student's jittered view, and without jitter that is the cached view")
+    if not cfg.transfer.labels and (not with_teacher or instantiate(cfg.alpha_schedule)(0.0) != 1
+                                    or instantiate(cfg.alpha_schedule)(1.0) != 1):
+        raise KdrunError(f"transfer.labels=false needs alpha=1 (the hard term needs labels), got alpha={cfg.alpha}")
 
 
-def run(cfg, run_dir):
+def teacher_signal(cfg, data):
+    """What the objective asks for the teacher's logits of a batch, and what to record about it."""
+    if not uses_teacher(cfg):
+        return None, {"teacher": None, "teacher_key": None}
+    if cfg.transfer.augment:
+        model, info = teacher.load(cfg, data)
+        return OnlineTeacher(model), info
+    logits, info = teacher.cached_logits(cfg, data)
+    return CachedLogits(logits.to(data.train.device)), info
+
+
+def run(cfg, run_dir, label=None):
     cfg = fold_recipe_overrides(cfg, ["student"])
     save_config(cfg, run_dir)
     device = resolve_device(cfg.device)
     data = load_data(cfg, device)
-    info = {"teacher": None, "teacher_key": None}
-    signal = None
-    if uses_teacher(cfg):
-        logits, info = teacher.cached_logits(cfg, data)
-        signal = CachedLogits(logits.to(device))
+    rows = select_rows(data.train.labels.cpu(), cfg.transfer, cfg.dataset.subset_seed)
+    transfer_set = data.train.subset(rows.train, labelled=cfg.transfer.labels)
+    signal, info = teacher_signal(cfg, data)
     objective = instantiate(cfg.loss, teacher=signal)
-    extra = {"student": cfg.student.name, "T": cfg.T, "alpha": cfg.alpha,
+    augment = f"online teacher, {cfg.student.recipe.jitter}px jitter" if cfg.transfer.augment else None
+    extra = {"label": label, "student": cfg.student.name, "T": cfg.T, "alpha": cfg.alpha,
              "temperature_schedule": _short(cfg.temperature), "alpha_schedule": _short(cfg.alpha_schedule),
-             "loss": _short(cfg.loss), **info}
-    results, _ = train_model(cfg, run_dir, "student", objective, data, device, extra)
+             "loss": _short(cfg.loss), "transfer_set": describe(cfg.transfer), "labels": cfg.transfer.labels,
+             "augment": augment, "jitter": cfg.student.recipe.jitter,
+             "n_val": int(rows.val.numel()), **info}
+    results, model = train_model(cfg, run_dir, "student", objective, data, transfer_set, device, extra)
+    if cfg.transfer.bias_correction:
+        results["bias_correction"] = correct_bias(cfg, run_dir, model, data, rows)
+        write_json(run_dir / "results.json", results)
     return results
+
+
+def correct_bias(cfg, run_dir, model, data, rows):
+    """Tune one additive shift of the affected classes' logits on the validation split, report test
+    errors before and after, and save the shifted model beside the trained one."""
+    classes = affected_classes(cfg.transfer)
+    val = data.train.subset(rows.val)
+    val_logits, test_logits = predict(model, val), predict(model, data.test)
+    shift, val_after = bias.tune_shift(val_logits, val.labels, classes)
+    test_after = bias.shift_logits(test_logits, classes, shift)
+    unseen = unseen_classes(cfg.transfer, data.num_classes)
+    on_unseen = torch.isin(data.test.labels, torch.tensor(unseen, device=data.test.device))
+    out = {
+        "classes": classes, "shift": shift, "n_val": len(val),
+        "val_errors_before": bias.errors(val_logits, val.labels), "val_errors_after": val_after,
+        "test_errors_before": bias.errors(test_logits, data.test.labels),
+        "test_errors_after": bias.errors(test_after, data.test.labels),
+        "unseen_classes": unseen, "n_test_unseen": int(on_unseen.sum()),  # test images of classes never trained on
+        "test_errors_unseen_before": bias.errors(test_logits[on_unseen], data.test.labels[on_unseen]),
+        "test_errors_unseen_after": bias.errors(test_after[on_unseen], data.test.labels[on_unseen]),
+    }
+    bias.apply_shift(model, classes, shift)
+    arch = OmegaConf.to_container(cfg.student.model, resolve=True)
+    save_model(run_dir / "model_bias_corrected.pt", model, arch, cfg.dataset.name,
+               {"name": cfg.student.name, "role": "student", "bias_correction": out})
+    log.info("bias correction: shift %+.1f on classes %s: val errors %d -> %d, test errors %d -> %d", shift, classes,
+             out["val_errors_before"], val_after, out["test_errors_before"], out["test_errors_after"])
+    return out
 
 
 def _short(node):

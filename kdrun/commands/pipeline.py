@@ -1,48 +1,116 @@
-"""`kdrun pipeline`: train the teacher (if missing) -> soft targets -> student alone -> distilled student,
-then print a table of the three."""
+"""`kdrun pipeline`: train the teacher (if missing) -> cache its soft targets -> each named student
+run of `pipeline.runs` -> a report of them all. Every student run is exactly a `kdrun distill` with
+the pipeline's command line plus that run's overrides; presets (conf/experiment/) define the runs."""
 
-from kdrun import store
+import logging
+
+from omegaconf import OmegaConf
+
+from kdrun import report, store
 from kdrun.commands import distill, soft_targets, train
 from kdrun.commands.common import check_buildable, check_inputs, fold_recipe_overrides, save_config
-from kdrun.io import atomic_write, write_json
-from kdrun.report import markdown_table
+from kdrun.errors import KdrunError, first_line
+from kdrun.io import write_json
+from kdrun.validate import validate
 
-COLUMNS = [("model", "role"), ("arch", "arch"), ("T", "T"), ("alpha", "alpha"), ("test errors", "test_errors"),
-           ("n test", "n_test"), ("test acc", "test_accuracy"), ("params", "n_params"), ("wall s", "wall_s")]
+log = logging.getLogger("kdrun")
+NOT_PASSED_ON = ("pipeline.", "paper", "hydra.")  # pipeline-only keys, not a distill run's
+RESERVED = ("teacher", "soft_targets")  # the pipeline's own folders
+
+
+def student_runs(cfg, overrides):
+    """[(name, [(command-line overrides, run overrides) per job])]: each run's overrides after the
+    command line's, its sweeps expanded, once per seed of `pipeline.seeds`."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from kdrun.cli import _expand_alpha_shorthand
+
+    base = [o for o in overrides if not o.partition("=")[0].lstrip("+~").startswith(NOT_PASSED_ON)]
+    seeds = cfg.pipeline.seeds
+    runs = []
+    for name, extra in cfg.pipeline.runs.items():
+        if extra is None:  # a preset drops a default run with `name: null`
+            continue
+        if name in RESERVED:
+            raise KdrunError(f"pipeline.runs.{name}: a run cannot be named {' or '.join(RESERVED)}")
+        if not OmegaConf.is_list(extra) or not all(isinstance(o, str) for o in extra):
+            raise KdrunError(f"pipeline.runs.{name} must be a list of overrides like ['alpha=0', 'T=2,4'], got {extra!r}")
+        own = _expand_alpha_shorthand(list(extra)) + (["seed=" + ",".join(str(s) for s in seeds)] if seeds else [])
+        try:
+            parsed = OverridesParser.create().parse_overrides(base + own)
+            jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+        except Exception as e:
+            raise KdrunError(f"pipeline.runs.{name}: {first_line(e)}") from None
+        runs.append((name, [(job, job[len(base):]) for job in jobs]))
+    return runs
+
+
+def compose_run(name, job):
+    """The config of one student run: `kdrun distill` composed with these overrides, and the recipes
+    of both roles folded in (so the teacher it looks for is the pipeline's). The run's own recipe
+    overrides win over a top-level epochs/lr/batch_size from the command line."""
+    from hydra import compose
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from kdrun.cli import explain
+
+    words, own = job
+    try:
+        cfg = compose(config_name="distill", overrides=list(words))
+    except Exception as e:
+        raise KdrunError(f"pipeline.runs.{name}: {explain(e, 'distill')}") from None
+    cfg = fold_recipe_overrides(cfg, ["teacher", "student"])
+    for o in OverridesParser.create().parse_overrides(list(own)):
+        if o.key_or_group.startswith(("student.recipe.", "teacher.recipe.")):
+            OmegaConf.update(cfg, o.key_or_group, o.value())
+    return cfg
 
 
 def preflight(cfg, overrides=()):
-    check_inputs(cfg)
-    cfg = fold_recipe_overrides(cfg, ["teacher", "student"])
-    check_buildable(cfg, ["teacher"])
-    distill.check_student(cfg)
+    transfer = check_inputs(cfg)
+    folded = fold_recipe_overrides(cfg, ["teacher", "student"])
+    check_buildable(folded, ["teacher"])
+    key = store.teacher_key(folded, cfg.teacher_seed)
+    for name, jobs in student_runs(cfg, overrides):
+        for job in jobs:
+            run_cfg = compose_run(name, job)
+            try:
+                validate(run_cfg)
+                distill.check_student(run_cfg)
+                distill.check_val_size(run_cfg, transfer["n"])
+            except KdrunError as e:
+                raise KdrunError(f"pipeline.runs.{name}: {e}") from None
+            same = (run_cfg.teacher_ckpt, run_cfg.workdir, run_cfg.teacher_seed) == (cfg.teacher_ckpt, cfg.workdir, cfg.teacher_seed)
+            if store.teacher_key(run_cfg, run_cfg.teacher_seed) != key or not same:
+                raise KdrunError(f"pipeline.runs.{name} changes the teacher; every run distils from the pipeline's")
 
 
 def run(cfg, run_dir):
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    overrides = list(hc.overrides.task)
     # epochs/lr/batch_size typed on the command line apply to every model the pipeline trains
     cfg = fold_recipe_overrides(cfg, ["teacher", "student"])
     save_config(cfg, run_dir)
     teacher_cfg = cfg.copy()
     teacher_cfg.seed = cfg.teacher_seed
-    teacher = train.run(teacher_cfg, run_dir / "teacher")
+    train.run(teacher_cfg, run_dir / "teacher")
     soft_targets.run(cfg, run_dir / "soft_targets")
-    alone_cfg = cfg.copy()
-    alone_cfg.alpha = 0.0
-    alone_cfg.alpha_schedule = {"_target_": "kdrun.schedules.Constant", "value": 0.0}  # no teacher, whatever the schedule
-    alone = distill.run(alone_cfg, run_dir / "student_alone")
-    distilled = distill.run(cfg, run_dir / "distilled")
-    rows = [
-        {**teacher, "role": "teacher", "arch": cfg.teacher.name, "T": None, "alpha": None},
-        {**alone, "role": "student alone", "arch": cfg.student.name, "T": None},
-        {**distilled, "role": "distilled", "arch": cfg.student.name},
-    ]
-    table = markdown_table(rows, COLUMNS)
-    gap = alone["test_errors"] - teacher["test_errors"]
-    kept = (alone["test_errors"] - distilled["test_errors"]) / gap if gap > 0 else None
-    summary = f"gap recovered: {kept:.1%}" if kept is not None else "gap recovered: n/a (teacher not better)"
-    report = f"# kdrun pipeline: {cfg.dataset.name}\n\n{table}\n\n{summary}\n"
-    atomic_write(run_dir / "report.md", lambda f: f.write(report), mode="w")
-    write_json(run_dir / "results.json", {"command": "pipeline", "status": "completed", "rows": rows,
-                                          "gap_recovered": kept, "teacher_key": store.teacher_key(cfg, cfg.teacher_seed)})
-    print(f"\n{table}\n{summary}\n")
+    done = []
+    for name, jobs in student_runs(cfg, overrides):
+        for i, job in enumerate(jobs):
+            where = run_dir / name if len(jobs) == 1 else run_dir / name / str(i)
+            log.info("pipeline: %s -> %s (kdrun distill %s)", name, where, " ".join(job[0]))
+            done.append(str(where))
+            distill.run(compose_run(name, job), where, label=name)
+    paper = OmegaConf.to_container(cfg.paper, resolve=True) if cfg.get("paper") else None
+    preset = hc.runtime.choices.get("experiment")
+    title = f"kdrun pipeline experiment={preset}" if preset else f"kdrun pipeline: {cfg.dataset.name}"
+    text, rows = report.write([run_dir], run_dir, title=title, paper=paper)
+    write_json(run_dir / "results.json", {"command": "pipeline", "status": "completed", "runs": done,
+                                          "report": str(run_dir / "report.md"),
+                                          "teacher_key": store.teacher_key(cfg, cfg.teacher_seed)})
+    print(f"\n{text}")
     return rows

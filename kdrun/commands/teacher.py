@@ -47,11 +47,17 @@ def check(cfg, transfer, overrides=()):
     soft_targets.check_cache(soft_targets.cache_path(cfg.workdir, key, content_key(transfer)))
 
 
-def cached_logits(cfg, data):
-    """The teacher's logits over the transfer set, from the cache or computed once and cached."""
+def load(cfg, data):
+    """The teacher model (eval mode, on the data's device) and what to record about it."""
     path, key = resolve(cfg)
-    teacher, sha256 = load_model(path, data, cfg.dataset.name, cfg.teacher.name, _arch(cfg))
-    manifest = soft_targets.manifest_for(sha256, data.transfer, data.num_classes)
-    cache = soft_targets.cache_path(cfg.workdir, key, content_key(data.transfer))
-    logits = soft_targets.get_or_compute(cache, manifest, teacher, data.train)
-    return logits, {"teacher": cfg.teacher.name, "teacher_key": key, "teacher_sha256": sha256, "teacher_ckpt": str(path), "soft_targets": str(cache)}
+    model, sha256 = load_model(path, data, cfg.dataset.name, cfg.teacher.name, _arch(cfg))
+    return model, {"teacher": cfg.teacher.name, "teacher_key": key, "teacher_sha256": sha256, "teacher_ckpt": str(path)}
+
+
+def cached_logits(cfg, data):
+    """The teacher's logits over the whole train split, from the cache or computed once and cached."""
+    model, info = load(cfg, data)
+    manifest = soft_targets.manifest_for(info["teacher_sha256"], data.transfer, data.num_classes)
+    cache = soft_targets.cache_path(cfg.workdir, info["teacher_key"], content_key(data.transfer))
+    logits = soft_targets.get_or_compute(cache, manifest, model, data.train)
+    return logits, {**info, "soft_targets": str(cache)}

@@ -1,6 +1,7 @@
 """`kdrun train`: train a teacher (or any model) on labels and publish it to the teacher store."""
 
 import logging
+from pathlib import Path
 
 from kdrun import store
 from kdrun.commands.common import check_buildable, check_inputs, fold_recipe_overrides, load_data, resolve_device, save_config, train_model
@@ -31,7 +32,7 @@ def run(cfg, run_dir):
     device = resolve_device(cfg.device)
     data = load_data(cfg, device)
     extra = {"teacher": cfg.teacher.name, "student": None, "T": None, "alpha": None, "teacher_key": key}
-    results, model_path = train_model(cfg, run_dir, "teacher", CrossEntropy(), data, device, extra)
-    path = store.publish(cfg.workdir, key, model_path, identity, run_dir, results)
+    results, _ = train_model(cfg, run_dir, "teacher", CrossEntropy(), data, data.train, device, extra)
+    path = store.publish(cfg.workdir, key, Path(results["model"]), identity, run_dir, results)
     log.info("teacher %s stored as %s", cfg.teacher.name, path)
     return results

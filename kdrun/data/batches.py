@@ -9,16 +9,24 @@ import torch.nn.functional as F
 @dataclass
 class Batch:
     x: torch.Tensor  # float, normalised [B, C, H, W]
-    y: torch.Tensor  # int64 [B]
-    idx: torch.Tensor  # positions in the split (keys into cached teacher logits)
+    y: torch.Tensor | None  # int64 [B]; None for an unlabeled transfer set
+    idx: torch.Tensor  # positions in the whole split (keys into cached teacher logits)
 
 
 class DeviceData:
-    def __init__(self, images, labels, mean, std, device):
+    def __init__(self, images, labels, mean, std, device, rows=None, labelled=True):
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.device = torch.device(device)
         self.mean, self.std = float(mean), float(std)
+        self.rows = None if rows is None else rows.to(device)  # positions in the whole split, if a subset
+        self.labelled = labelled
+
+    def subset(self, rows, labelled=True):
+        """These rows (positions in this split) as their own DeviceData; batches keep whole-split indices."""
+        rows = rows.to(self.device)
+        origin = rows if self.rows is None else self.rows[rows]
+        return DeviceData(self.images[rows], self.labels[rows], self.mean, self.std, self.device, origin, labelled)
 
     def __len__(self):
         return self.labels.numel()
@@ -36,7 +44,7 @@ class DeviceData:
             if jitter:
                 x = random_shift(x, jitter, generator)
             x = x.sub_(255 * self.mean).div_(255 * self.std)
-            yield Batch(x, self.labels[idx], idx)
+            yield Batch(x, self.labels[idx] if self.labelled else None, idx if self.rows is None else self.rows[idx])
 
     def n_batches(self, batch_size):
         return -(-len(self) // batch_size)

@@ -7,6 +7,6 @@ per method, in its own module; the training loop knows nothing about methods.
 from kdrun.objectives.cross_entropy import CrossEntropy
 from kdrun.objectives.hinton import HintonKD
 from kdrun.objectives.logit_matching import LogitMatching
-from kdrun.objectives.teachers import CachedLogits
+from kdrun.objectives.teachers import CachedLogits, OnlineTeacher
 
-__all__ = ["CrossEntropy", "HintonKD", "LogitMatching", "CachedLogits"]
+__all__ = ["CrossEntropy", "HintonKD", "LogitMatching", "CachedLogits", "OnlineTeacher"]
