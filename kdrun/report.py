@@ -17,13 +17,14 @@ COLUMNS = [("model", "name", "always"), ("teacher", "teacher", "always"), ("stud
            ("loss", "loss", "varies"), ("transfer", "transfer", "any"), ("epochs", "epochs", "varies"),
            ("T", "T", "always"), ("alpha", "alpha", "always"), ("test errors", "errors", "always"),
            ("after bias correction", "corrected", "any"), ("bias shift", "shift", "any"),
+           ("errors on unseen classes, before -> after", "unseen", "any"),
            ("train acc", "train_accuracy", "always"), ("test acc", "accuracy", "always"), ("n", "n", "always"),
            ("gap recovered", "gap_recovered", "always")]
 
 
 def _cell(v):
     if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 1 else f"{v:g}"
+        return f"{v:.4f}" if abs(v) <= 1 else f"{v:g}"
     return "-" if v is None else str(v)
 
 
@@ -100,6 +101,10 @@ def summarise(runs):
             row["corrected_mean"] = corrected
             row["corrected"] = f"{corrected:.1f}"
             row["shift"] = f"{_mean(members, lambda m: m['bias_correction']['shift']):+.2f}"
+            before = _mean(members, lambda m: m["bias_correction"].get("test_errors_unseen_before"))
+            after = _mean(members, lambda m: m["bias_correction"].get("test_errors_unseen_after"))
+            if before is not None and after is not None:
+                row["unseen"] = f"{before:g} -> {after:g} of {members[0]['bias_correction']['n_test_unseen']}"
         rows.append(row)
     for row in rows:
         if row["role"] == "distilled":
@@ -194,17 +199,19 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colours = {}  # a student's lines share a colour: its distilled runs, and it alone (dotted)
     for name, student in sorted({(r["name"], r["student"]) for r in rows if r["role"] == "distilled"}):
         points = sorted((r["T"], r["errors_mean"], r["errors_std"]) for r in rows
                         if r["role"] == "distilled" and (r["name"], r["student"]) == (name, student))
-        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
-                    capsize=3, label=f"{student} {name}")
+        bars = ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
+                           capsize=3, label=f"{student} {name}")
+        colours.setdefault(student, bars.lines[0].get_color())
     for r in rows:
         if r["role"] != "distilled":
             name = f"{r['teacher']} (teacher)" if r["role"] == "teacher" else f"{r['student']} {r['name']}"
             teacher = r["role"] == "teacher"
-            ax.axhline(r["errors_mean"], linestyle="--" if teacher else ":", color="black" if teacher else "gray",
-                       label=name)
+            ax.axhline(r["errors_mean"], linestyle="--" if teacher else ":",
+                       color="black" if teacher else colours.get(r["student"], "gray"), label=name)
     temperatures = sorted({r["T"] for r in rows if r["role"] == "distilled"})
     ax.set_xscale("log")
     ax.set_xticks(temperatures, [f"{t:g}" for t in temperatures])

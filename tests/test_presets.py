@@ -74,6 +74,7 @@ def test_omit_class_trains_without_the_class_and_corrects_its_bias(kdrun, workdi
     report = (run / "report.md").read_text()
     line = only(x for x in report.splitlines() if x.startswith("| omit_3 ") and "without 3" in x)
     assert f"| {bias['test_errors_after']:.1f} " in line and f"{bias['shift']:+.2f}" in line
+    assert f"| {bias['test_errors_unseen_before']} -> {bias['test_errors_unseen_after']} of 50 " in line
     assert "tuned on a validation split carved from the training data" in report
 
 
