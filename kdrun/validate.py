@@ -122,9 +122,7 @@ def _transfer(t, ds):
         raise KdrunError(f"transfer.fraction must be in (0, 1], got {t.fraction!r}")
     for key in ("labels", "augment", "bias_correction"):
         _bool(f"transfer.{key}", t[key])
-    _int("transfer.val_size", t.val_size, 0)
-    if ds.limit is not None and t.val_size >= ds.limit:
-        raise KdrunError(f"transfer.val_size ({t.val_size}) must be smaller than dataset.limit ({ds.limit})")
+    _int("transfer.val_size", t.val_size, 0)  # its bound, the train split's size, is checked in preflight
     if t.bias_correction and not t.val_size:
         raise KdrunError("transfer.bias_correction=true needs transfer.val_size > 0: the shift is tuned on a "
                          "validation split carved from the training data, never on the test set")

@@ -163,7 +163,7 @@ CASES = [
     ("transfer-unlabeled-alpha", ["distill", *T30, *QUICK, "transfer.labels=false"],
      "kdrun: error: transfer.labels=false needs alpha=1 (the hard term needs labels), got alpha=0.9"),
     ("transfer-val-too-big", ["distill", *T30, *QUICK, "transfer.val_size=1000"],
-     "kdrun: error: transfer.val_size (1000) must be smaller than dataset.limit (1000)"),
+     "kdrun: error: transfer.val_size (1000) must be smaller than the train split (1000)"),
     ("bias-without-val", ["distill", *T30, *QUICK, "transfer.exclude_classes=[3]", "transfer.bias_correction=true"],
      "kdrun: error: transfer.bias_correction=true needs transfer.val_size > 0: the shift is tuned on a validation "
      "split carved from the training data, never on the test set"),
