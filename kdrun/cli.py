@@ -75,7 +75,7 @@ def _parse_args(argv):
     return parser.parse_intermixed_args(argv)  # `a=1 -m b=1,2` as well as `-m a=1 b=1,2`
 
 
-def _expand_alpha_shorthand(overrides):
+def expand_alpha_shorthand(overrides):
     """`alpha=anneal` picks the alpha schedule: Hydra cannot have a group and a key both named alpha."""
     options = group_options("alpha_schedule")
     out = []
@@ -115,6 +115,11 @@ def _jobs(parsed, overrides, multirun):
             if o.is_sweep_override():
                 raise KdrunError(f"{o.input_line} is a sweep; add -m to run it: kdrun ... -m {o.input_line}")
         return [overrides]
+    return sweep_points(parsed)
+
+
+def sweep_points(parsed):
+    """The override list of each point of a sweep (Hydra's basic sweeper, every combination, in order)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
@@ -259,7 +264,7 @@ def dispatch(argv):
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise KdrunError(f"unknown command '{command}'{hint}; choose from: {', '.join(words)}")
     args = _parse_args(rest)
-    overrides = _expand_alpha_shorthand(args.overrides)
+    overrides = expand_alpha_shorthand(args.overrides)
     flags = [a for a in rest if a not in args.overrides]
     informational = args.help or args.hydra_help or args.cfg or args.info or args.shell_completion
     if not informational:

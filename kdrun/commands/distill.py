@@ -54,8 +54,8 @@ def check_student(cfg):
     if cfg.transfer.augment and not cfg.student.recipe.jitter:
         raise KdrunError("transfer.augment=true needs student.recipe.jitter > 0: the teacher sees the "
                          "student's jittered view, and without jitter that is the cached view")
-    if not cfg.transfer.labels and (not with_teacher or instantiate(cfg.alpha_schedule)(0.0) != 1
-                                    or instantiate(cfg.alpha_schedule)(1.0) != 1):
+    alpha = instantiate(cfg.alpha_schedule)
+    if not cfg.transfer.labels and (not with_teacher or alpha(0.0) != 1 or alpha(1.0) != 1):
         raise KdrunError(f"transfer.labels=false needs alpha=1 (the hard term needs labels), got alpha={cfg.alpha}")
 
 

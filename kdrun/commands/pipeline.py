@@ -21,10 +21,9 @@ RESERVED = ("teacher", "soft_targets")  # the pipeline's own folders
 def student_runs(cfg, overrides):
     """[(name, [(command-line overrides, run overrides) per job])]: each run's overrides after the
     command line's, its sweeps expanded, once per seed of `pipeline.seeds`."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from kdrun.cli import _expand_alpha_shorthand
+    from kdrun.cli import expand_alpha_shorthand, sweep_points
 
     base = [o for o in overrides if not o.partition("=")[0].lstrip("+~").startswith(NOT_PASSED_ON)]
     seeds = cfg.pipeline.seeds
@@ -36,10 +35,10 @@ def student_runs(cfg, overrides):
             raise KdrunError(f"pipeline.runs.{name}: a run cannot be named {' or '.join(RESERVED)}")
         if not OmegaConf.is_list(extra) or not all(isinstance(o, str) for o in extra):
             raise KdrunError(f"pipeline.runs.{name} must be a list of overrides like ['alpha=0', 'T=2,4'], got {extra!r}")
-        own = _expand_alpha_shorthand(list(extra)) + (["seed=" + ",".join(str(s) for s in seeds)] if seeds else [])
+        own = expand_alpha_shorthand(list(extra)) + (["seed=" + ",".join(str(s) for s in seeds)] if seeds else [])
         try:
             parsed = OverridesParser.create().parse_overrides(base + own)
-            jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+            jobs = sweep_points(parsed)
         except Exception as e:
             raise KdrunError(f"pipeline.runs.{name}: {first_line(e)}") from None
         runs.append((name, [(job, job[len(base):]) for job in jobs]))
