@@ -20,6 +20,7 @@ COMMANDS = {  # command word -> (primary config, module)
     "soft-targets": ("soft_targets", "kdrun.commands.soft_targets"),
     "distill": ("distill", "kdrun.commands.distill"),
     "pipeline": ("pipeline", "kdrun.commands.pipeline"),
+    "evaluate": ("evaluate", "kdrun.commands.evaluate"),
 }
 PLAIN_COMMANDS = {"report": "summarise results.json files (sweeps, runs, a workdir) into report.md/.csv/.png"}
 # schedule group -> the top-level value it schedules (T and alpha are what users type)

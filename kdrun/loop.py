@@ -14,10 +14,11 @@ from kdrun.errors import KdrunError
 
 
 @torch.no_grad()
-def predict(model, data, batch_size=1000):
-    """Logits for a whole split, in order, in eval mode."""
+def predict(model, data, batch_size=1000, forward=None):
+    """Logits for a whole split, in order, in eval mode (`forward`: another output of the model's)."""
     model.eval()
-    return torch.cat([model(b.x) for b in data.batches(batch_size)])
+    forward = forward or model
+    return torch.cat([forward(b.x) for b in data.batches(batch_size)])
 
 
 def evaluate(model, data, batch_size=1000):

@@ -18,13 +18,14 @@ def cache_path(workdir, teacher_key, transfer_key):
     return Path(workdir) / "soft_targets" / teacher_key / f"{transfer_key}.pt"
 
 
-def manifest_for(teacher_sha256, transfer, num_classes):
-    return {
-        "teacher_sha256": teacher_sha256,
-        **transfer,
-        "shape": [transfer["n"], num_classes],
-        "dtype": "float32",
-    }
+def manifest_for(teacher_sha256, transfer, num_classes, members=None):
+    """What made a cache. An ensemble's (`members`: each member's key and sha256) holds every
+    member's logits, [N, M, C]."""
+    manifest = {"teacher_sha256": teacher_sha256, **transfer, "shape": [transfer["n"], num_classes], "dtype": "float32"}
+    if members is not None:
+        manifest["members"] = [{k: m[k] for k in ("member", "key", "sha256")} for m in members]
+        manifest["shape"][1:1] = [len(members)]
+    return manifest
 
 
 def _valid(payload, manifest):
@@ -50,8 +51,9 @@ def check_cache(path):
         _load_cache(path)
 
 
-def get_or_compute(path, manifest, teacher, transfer_data):
-    """Return cached logits [N, C] (on the CPU), computing them under a file lock if needed."""
+def get_or_compute(path, manifest, teacher, transfer_data, forward=None):
+    """Return cached logits (on the CPU), computing them (`forward`, default the teacher's own) under
+    a file lock if needed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):  # parallel sweep jobs: one computes, the others wait and reuse
@@ -63,8 +65,8 @@ def get_or_compute(path, manifest, teacher, transfer_data):
                 return payload["logits"]
             log.warning("soft targets: %s does not match (%s); recomputing", path, why)
         started = time.perf_counter()
-        logits = predict(teacher, transfer_data).float().cpu()
+        logits = predict(teacher, transfer_data, forward=forward).float().cpu()
         save_torch(path, {"logits": logits, "manifest": manifest})
         write_json(path.with_suffix(".json"), manifest)
-        log.info("soft targets: wrote %s (%d x %d, %.1fs)", path, *logits.shape, time.perf_counter() - started)
+        log.info("soft targets: wrote %s (%s, %.1fs)", path, " x ".join(map(str, logits.shape)), time.perf_counter() - started)
         return logits

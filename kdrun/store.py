@@ -66,9 +66,9 @@ def _flatten(obj, prefix=""):
     return {prefix[:-1]: obj}
 
 
-def missing_teacher_message(cfg, seed, command):
+def missing_teacher_message(cfg, seed, command, suggest_seed=True):
     """Say which command trains the teacher, and which stored teacher of the same name and dataset
-    differs least (as the overrides that would select it)."""
+    differs least (as the overrides that would select it; one of another seed only if `suggest_seed`)."""
     identity = teacher_identity(cfg, seed)
     want = _flatten(identity)
     near = []
@@ -76,6 +76,8 @@ def missing_teacher_message(cfg, seed, command):
         have = _flatten(read_json(meta).get("identity", {}))
         if have.get("teacher.name") == want["teacher.name"] and have.get("dataset.name") == want["dataset.name"]:
             diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+            if "seed" in diff and not suggest_seed:
+                continue
             near.append((len(diff), " ".join(_override(k, have.get(k)) for k in diff)))
     msg = (f"no trained teacher {cfg.teacher.name} for {cfg.dataset.name} with seed {seed} and this recipe "
            f"(key {content_key(identity)}); train it with: {command}")

@@ -43,7 +43,8 @@ def _positive(name, value):
         raise KdrunError(f"{name} must be > 0, got {value!r}")
 
 
-def _model(role, spec):
+def model_spec(role, spec):
+    """A model config and its recipe (`role`: how messages name it, e.g. teacher or student)."""
     m = spec.model
     for key in ("dropout_input", "dropout_hidden", "dropout"):
         if key in m:
@@ -83,8 +84,11 @@ def validate(cfg):
     _int("dataset.subset_seed", ds.subset_seed, 0)
     if ds.limit is not None and ds.limit < ds.num_classes:
         raise KdrunError(f"dataset.limit must be at least the number of classes ({ds.num_classes}), got {ds.limit}")
-    for role in ("teacher", "student"):
-        _model(role, cfg[role])
+    if "members" in cfg.teacher:
+        _ensemble(cfg)
+    else:
+        model_spec("teacher", cfg.teacher)
+    model_spec("student", cfg.student)
     if "transfer" in cfg:
         _transfer(cfg.transfer, ds)
     for key in ("start", "end"):
@@ -92,6 +96,24 @@ def validate(cfg):
             _positive(f"temperature.{key}", cfg.temperature[key])
         if key in cfg.get("alpha_schedule", {}):
             _in_range(f"alpha_schedule.{key}", cfg.alpha_schedule[key], 0, 1)
+
+
+def _ensemble(cfg):
+    """teacher=ensemble's own keys; each member's config is checked when the members are resolved."""
+    from kdrun.ensemble import COMBINES
+
+    t = cfg.teacher
+    if t.combine not in COMBINES:
+        raise KdrunError(f"teacher.combine must be one of {', '.join(COMBINES)}, got {t.combine!r}")
+    if not OmegaConf.is_list(t.members) or not t.members:
+        raise KdrunError(f"teacher.members must be a non-empty list (seeds, 'teacher=NAME seed=N' strings or "
+                         f"model.pt paths), got {t.members!r}")
+    _int("teacher.recipe.epochs", t.recipe.epochs, 1, allow_none=True)
+    _int("teacher.recipe.batch_size", t.recipe.batch_size, 1, allow_none=True)
+    if t.recipe.optimizer.lr is not None:
+        _positive("teacher.recipe.optimizer.lr", t.recipe.optimizer.lr)
+    if cfg.teacher_seed != 0 or cfg.get("teacher_ckpt"):
+        raise KdrunError("teacher_seed and teacher_ckpt pick one teacher; an ensemble's are teacher.members")
 
 
 def _bool(name, value):

@@ -187,7 +187,8 @@ def test_shell_completion_knows_commands_and_group_options(env, tmp_path):
                               cwd=tmp_path, capture_output=True, text=True, timeout=60).stdout.split()
 
     assert query("kdrun di") == ["distill"]
-    assert query("kdrun distill teacher=") == [f"teacher={t}" for t in ("cnn", "mlp1200", "mlp30", "mlp300", "mlp800")]
+    assert query("kdrun distill teacher=") == [f"teacher={t}" for t in (
+        "cnn", "ensemble", "mlp1200", "mlp1200_adamw", "mlp30", "mlp300", "mlp800")]
 
 
 def test_demo_preset_is_a_cnn_teacher_for_mlp800_on_fashion_mnist():

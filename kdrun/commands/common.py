@@ -118,13 +118,14 @@ def transfer_identity(ds, raw_dir):
 
 
 def check_model_payload(path, dataset_name, expect_name, expect_arch, role="teacher"):
-    """Load a kdrun model.pt, refusing one of another dataset or architecture; returns (payload, sha256)."""
+    """Load a kdrun model.pt, refusing one of another dataset or architecture (expect_arch None: any);
+    returns (payload, sha256)."""
     payload, sha256 = load_torch_and_hash(path, f"{role} checkpoint")
     if not isinstance(payload, dict) or not {"model", "arch", "dataset"} <= set(payload):
         raise KdrunError(f"{path} is not a kdrun model checkpoint")
     if payload["dataset"] != dataset_name:
         raise KdrunError(f"{role} checkpoint {path} was trained on {payload['dataset']}, not {dataset_name}")
-    if payload["arch"] != expect_arch:
+    if expect_arch is not None and payload["arch"] != expect_arch:
         name = payload.get("name", "another architecture")
         raise KdrunError(f"{role} checkpoint {path} is {name} {_describe(payload['arch'])}, but {role}={expect_name} "
                          f"is {_describe(expect_arch)}; pass {role}={name}")

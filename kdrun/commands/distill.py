@@ -63,11 +63,12 @@ def teacher_signal(cfg, data):
     """What the objective asks for the teacher's logits of a batch, and what to record about it."""
     if not uses_teacher(cfg):
         return None, {"teacher": None, "teacher_key": None}
+    combine = cfg.teacher.combine if teacher.is_ensemble(cfg) else None
     if cfg.transfer.augment:
-        model, info = teacher.load(cfg, data)
-        return OnlineTeacher(model), info
+        model, info, _ = teacher.load(cfg, data)
+        return OnlineTeacher(model, combine), info
     logits, info = teacher.cached_logits(cfg, data)
-    return CachedLogits(logits.to(data.train.device)), info
+    return CachedLogits(logits.to(data.train.device), combine), info
 
 
 def run(cfg, run_dir, label=None):

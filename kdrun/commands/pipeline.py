@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from kdrun import report, store
 from kdrun.commands import distill, soft_targets, train
-from kdrun.commands.common import check_buildable, check_inputs, fold_recipe_overrides, save_config
+from kdrun.commands.common import check_inputs, fold_recipe_overrides, save_config
 from kdrun.errors import KdrunError, first_line
 from kdrun.io import write_json
 from kdrun.validate import validate
@@ -68,9 +68,8 @@ def compose_run(name, job):
 
 def preflight(cfg, overrides=()):
     transfer = check_inputs(cfg)
-    folded = fold_recipe_overrides(cfg, ["teacher", "student"])
-    check_buildable(folded, ["teacher"])
-    key = store.teacher_key(folded, cfg.teacher_seed)
+    train.preflight(cfg)
+    key = store.teacher_key(fold_recipe_overrides(cfg, ["teacher", "student"]), cfg.teacher_seed)
     for name, jobs in student_runs(cfg, overrides):
         for job in jobs:
             run_cfg = compose_run(name, job)
@@ -95,7 +94,7 @@ def run(cfg, run_dir):
     save_config(cfg, run_dir)
     teacher_cfg = cfg.copy()
     teacher_cfg.seed = cfg.teacher_seed
-    train.run(teacher_cfg, run_dir / "teacher")
+    taught = train.run(teacher_cfg, run_dir / "teacher")
     soft_targets.run(cfg, run_dir / "soft_targets")
     done = []
     for name, jobs in student_runs(cfg, overrides):
@@ -109,7 +108,6 @@ def run(cfg, run_dir):
     title = f"kdrun pipeline experiment={preset}" if preset else f"kdrun pipeline: {cfg.dataset.name}"
     text, rows = report.write([run_dir], run_dir, title=title, paper=paper)
     write_json(run_dir / "results.json", {"command": "pipeline", "status": "completed", "runs": done,
-                                          "report": str(run_dir / "report.md"),
-                                          "teacher_key": store.teacher_key(cfg, cfg.teacher_seed)})
+                                          "report": str(run_dir / "report.md"), "teacher_key": taught["teacher_key"]})
     print(f"\n{text}")
     return rows

@@ -1,24 +1,39 @@
-"""Finding the teacher a command distils from, and its cached soft targets."""
+"""Finding the teacher a command distils from (one stored model, or an ensemble of them: `teacher=ensemble`),
+and its cached soft targets."""
 
+import shlex
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 from kdrun import soft_targets, store
-from kdrun.commands.common import check_model_payload, load_model
+from kdrun.commands.common import RECIPE_OVERRIDES, check_model_payload, load_model, n_params
+from kdrun.ensemble import Ensemble, combine_logits
 from kdrun.errors import KdrunError
-from kdrun.io import content_key, sha256_file
+from kdrun.io import content_key, sha256_file, write_json
+from kdrun.validate import model_spec
 
 
-def _train_command(cfg, overrides):
-    """The `kdrun train` line that makes the teacher a command with these overrides looks for."""
+def _train_command(cfg, overrides, seed=True):
+    """The `kdrun train` line that makes the teacher a command with these overrides looks for
+    (for an ensemble: trains its missing members)."""
     words = [f"teacher={cfg.teacher.name}", f"dataset={cfg.dataset.name}"]
     for item in overrides:
         key = item.partition("=")[0].lstrip("+~")
         if key.startswith(("teacher.", "dataset.", "data_dir", "workdir")):
             words.append(item)
-    words.append(f"seed={cfg.teacher_seed}")
-    return "kdrun train " + " ".join(words)
+    if seed:
+        words.append(f"seed={cfg.teacher_seed}")
+    return "kdrun train " + " ".join(shlex.quote(w) for w in words)
+
+
+def is_ensemble(cfg):
+    return "members" in cfg.teacher
+
+
+# ---------------------------------------------------------------- one teacher
 
 
 def resolve(cfg, overrides=()):
@@ -26,38 +41,189 @@ def resolve(cfg, overrides=()):
     `teacher=`'s), else the store entry trained with the same teacher config, recipe, dataset and
     `teacher_seed`."""
     if cfg.teacher_ckpt:
-        path = Path(cfg.teacher_ckpt)
-        if not path.is_file():
-            raise KdrunError(f"teacher checkpoint not found: {path}")
-        return path, "ckpt-" + sha256_file(path)[:12]
+        return _checkpoint(cfg.teacher_ckpt)
     key = store.teacher_key(cfg, cfg.teacher_seed)
     command = _train_command(cfg, overrides)
     return store.require_teacher(cfg.workdir, key, store.missing_teacher_message(cfg, cfg.teacher_seed, command)), key
+
+
+def _checkpoint(path):
+    path = Path(path)
+    if not path.is_file():
+        raise KdrunError(f"teacher checkpoint not found: {path}")
+    return path, "ckpt-" + sha256_file(path)[:12]
 
 
 def _arch(cfg):
     return OmegaConf.to_container(cfg.teacher.model, resolve=True)
 
 
+# ---------------------------------------------------------------- ensembles
+
+
+@dataclass
+class Member:
+    """One member of `teacher.members`: a stored teacher (cfg: the command's config with this member
+    as its teacher, and its seed) or a model.pt (ckpt)."""
+
+    where: str
+    cfg: object = None
+    seed: int = None
+    ckpt: str = None
+    train_command: str = None  # `kdrun train teacher=ensemble ...`, which trains the missing members
+
+    @property
+    def key(self):
+        return _checkpoint(self.ckpt)[1] if self.ckpt else store.teacher_key(self.cfg, self.seed)
+
+    def path(self):
+        if self.ckpt:
+            return _checkpoint(self.ckpt)[0]
+        message = store.missing_teacher_message(self.cfg, self.seed, self.train_command, suggest_seed=False)
+        return store.require_teacher(self.cfg.workdir, self.key, f"{self.where}: {message}")
+
+    def check(self, dataset_name):
+        if self.ckpt:
+            return check_model_payload(self.path(), dataset_name, None, None)
+        return check_model_payload(self.path(), dataset_name, self.cfg.teacher.name, _arch(self.cfg))
+
+
+def members(cfg, overrides=()):
+    """The members of `teacher=ensemble`: each entry of teacher.members is a seed of teacher.member,
+    a string of `kdrun train` overrides naming a stored teacher ('teacher=cnn seed=2'), or a model.pt."""
+    from hydra import compose
+
+    from kdrun.cli import explain
+
+    spec = cfg.teacher
+    command = _train_command(cfg, overrides, seed=False)
+    out = []
+    for i, entry in enumerate(spec.members):
+        where = f"teacher.members[{i}]"
+        if isinstance(entry, str) and entry.endswith(".pt"):
+            out.append(Member(where, ckpt=entry))
+            continue
+        if isinstance(entry, int) and not isinstance(entry, bool):
+            words = [f"seed={entry}"]
+        elif isinstance(entry, str):
+            words = shlex.split(entry)
+        else:
+            raise KdrunError(f"{where} must be a seed, a string of overrides like 'teacher=cnn seed=2', "
+                             f"or a model.pt path, got {entry!r}")
+        for word in words:
+            key = word.partition("=")[0]
+            if key not in ("teacher", "seed") and not key.startswith("teacher."):
+                raise KdrunError(f"{where}: '{word}' does not name a stored teacher; use teacher=NAME, "
+                                 "teacher.KEY=VALUE and seed=N")
+        try:
+            composed = compose(config_name="train", overrides=[f"teacher={spec.member}", *words])
+        except Exception as e:
+            raise KdrunError(f"{where}: {explain(e, 'train')}") from None
+        if "members" in composed.teacher:
+            raise KdrunError(f"{where}: a member cannot itself be an ensemble")
+        member_cfg = cfg.copy()
+        OmegaConf.set_struct(member_cfg, False)
+        member_cfg.teacher = composed.teacher
+        for path in RECIPE_OVERRIDES.values():  # teacher.recipe.* of the ensemble applies to every member
+            value = OmegaConf.select(spec.recipe, path)
+            if value is not None:
+                OmegaConf.update(member_cfg, f"teacher.recipe.{path}", value)
+        model_spec(where, member_cfg.teacher)
+        out.append(Member(where, cfg=member_cfg, seed=int(composed.seed), train_command=command))
+    return out
+
+
+def ensemble_keys(cfg, keys):
+    """(key of the ensemble as a teacher, key of its soft-target cache): the cache holds every member's
+    logits, so arithmetic and geometric share it."""
+    return content_key({"members": keys, "combine": cfg.teacher.combine}), content_key({"members": keys})
+
+
+def ensemble_name(cfg, group):
+    names = [m.cfg.teacher.name if m.cfg is not None else Path(m.ckpt).name for m in group]
+    parts = [f"{names.count(n)}x {n}" for n in dict.fromkeys(names)]
+    return f"ensemble({cfg.teacher.combine}, {' + '.join(parts)})"
+
+
+def ensemble_record(cfg, model, group, keys, shas, data):
+    """The ensemble as a teacher row: its test errors and each member's, written to the store
+    (teachers/<key>/teacher.json) so that reports find it as they find a trained teacher. Measured
+    each time (a test-set forward pass), so it always describes this test set."""
+    key = ensemble_keys(cfg, keys)[0]
+    path = Path(cfg.workdir) / "teachers" / key / "teacher.json"
+    with torch.no_grad():
+        z = torch.cat([model.member_logits(b.x) for b in data.test.batches(1000)])
+    labels = data.test.labels
+    member_errors = (z.argmax(-1) != labels[:, None]).sum(0).tolist()
+    errors = int((combine_logits(z, cfg.teacher.combine, 1.0).argmax(-1) != labels).sum())
+    results = {
+        "command": "train", "status": "completed", "dataset": cfg.dataset.name, "teacher": ensemble_name(cfg, group),
+        "student": None, "T": None, "alpha": None, "seed": None, "n_train": len(data.train),
+        "n_params": n_params(model), "combine": cfg.teacher.combine, "teacher_key": key,
+        "test_errors": errors, "n_test": len(data.test), "test_accuracy": 1 - errors / len(data.test),
+        "train_accuracy": None, "run_dir": str(path.parent),
+        "members": [{"member": m.where, "key": k, "sha256": s, "test_errors": e}
+                    for m, k, s, e in zip(group, keys, shas, member_errors)],
+        "members_test_errors_mean": sum(member_errors) / len(member_errors),
+    }
+    write_json(path, {"key": key, "identity": {"combine": cfg.teacher.combine, "members": keys}, "results": results})
+    return results, path
+
+
+def _load_ensemble(cfg, data):
+    group = members(cfg)
+    models, keys, shas = [], [], []
+    for m in group:
+        payload, _ = m.check(cfg.dataset.name)
+        model, sha = load_model(m.path(), data, cfg.dataset.name, payload.get("name"), payload["arch"])
+        models.append(model)
+        keys.append(m.key)
+        shas.append(sha)
+    model = Ensemble(models, cfg.teacher.combine).eval()
+    record, record_path = ensemble_record(cfg, model, group, keys, shas, data)
+    info = {"teacher": record["teacher"], "teacher_key": record["teacher_key"], "teacher_sha256": content_key(shas),
+            "teacher_ckpt": None, "teacher_record": str(record_path), "combine": cfg.teacher.combine}
+    return model, info, record
+
+
+# ---------------------------------------------------------------- what commands call
+
+
 def check(cfg, transfer, overrides=()):
-    """Fail before any run starts when the teacher is missing, is not of this dataset and
+    """Fail before any run starts when the teacher (or a member) is missing, is not of this dataset and
     architecture, or its soft-target cache is damaged."""
-    path, key = resolve(cfg, overrides)
-    check_model_payload(path, cfg.dataset.name, cfg.teacher.name, _arch(cfg))
-    soft_targets.check_cache(soft_targets.cache_path(cfg.workdir, key, content_key(transfer)))
+    if is_ensemble(cfg):
+        group = members(cfg, overrides)
+        for m in group:
+            m.check(cfg.dataset.name)
+        cache_key = ensemble_keys(cfg, [m.key for m in group])[1]
+    else:
+        path, cache_key = resolve(cfg, overrides)
+        check_model_payload(path, cfg.dataset.name, cfg.teacher.name, _arch(cfg))
+    soft_targets.check_cache(soft_targets.cache_path(cfg.workdir, cache_key, content_key(transfer)))
 
 
 def load(cfg, data):
-    """The teacher model (eval mode, on the data's device) and what to record about it."""
+    """The teacher model (eval mode, on the data's device), what to record about it, and an ensemble's
+    record (its test errors and its members'; None for one teacher)."""
+    if is_ensemble(cfg):
+        return _load_ensemble(cfg, data)
     path, key = resolve(cfg)
     model, sha256 = load_model(path, data, cfg.dataset.name, cfg.teacher.name, _arch(cfg))
-    return model, {"teacher": cfg.teacher.name, "teacher_key": key, "teacher_sha256": sha256, "teacher_ckpt": str(path)}
+    return model, {"teacher": cfg.teacher.name, "teacher_key": key, "teacher_sha256": sha256,
+                   "teacher_ckpt": str(path)}, None
 
 
 def cached_logits(cfg, data):
-    """The teacher's logits over the whole train split, from the cache or computed once and cached."""
-    model, info = load(cfg, data)
-    manifest = soft_targets.manifest_for(info["teacher_sha256"], data.transfer, data.num_classes)
-    cache = soft_targets.cache_path(cfg.workdir, info["teacher_key"], content_key(data.transfer))
-    logits = soft_targets.get_or_compute(cache, manifest, model, data.train)
+    """The teacher's logits over the whole train split ([N, C]; an ensemble's members', [N, M, C]),
+    from the cache or computed once and cached."""
+    model, info, record = load(cfg, data)
+    group = record and record["members"]
+    if group is None:
+        cache_key, forward = info["teacher_key"], model
+    else:
+        cache_key, forward = ensemble_keys(cfg, [m["key"] for m in group])[1], model.member_logits
+    manifest = soft_targets.manifest_for(info["teacher_sha256"], data.transfer, data.num_classes, group)
+    cache = soft_targets.cache_path(cfg.workdir, cache_key, content_key(data.transfer))
+    logits = soft_targets.get_or_compute(cache, manifest, model, data.train, forward)
     return logits, {**info, "soft_targets": str(cache)}

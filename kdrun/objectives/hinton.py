@@ -16,6 +16,6 @@ class HintonKD:
     def __call__(self, model, batch, progress):
         T, alpha = self.temperature(progress), self.alpha(progress)
         logits = model(batch.x)
-        teacher_logits = self.teacher(batch) if self.teacher is not None else None
+        teacher_logits = self.teacher(batch, T) if self.teacher is not None else None
         loss, parts = hinton_loss(logits, teacher_logits, batch.y, T, alpha)
         return logits, loss, {**parts, "T": T, "alpha": alpha}

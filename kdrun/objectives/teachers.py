@@ -1,25 +1,32 @@
-"""Where a distillation objective gets the teacher's logits for a batch."""
+"""Where a distillation objective gets the teacher's logits for a batch, at the objective's T (an
+ensemble's combined logits depend on T; one teacher's do not; T=None is the high-T limit)."""
 
 import torch
 
+from kdrun.ensemble import combine_logits
+
 
 class CachedLogits:
-    """Teacher logits computed once over the transfer set; a batch looks its rows up by index."""
+    """Teacher logits computed once over the transfer set; a batch looks its rows up by index.
+    An ensemble's cache holds every member's logits, [N, M, C], combined per batch by `combine`."""
 
-    def __init__(self, logits):
-        self.logits = logits
+    def __init__(self, logits, combine=None):
+        self.logits, self.combine = logits, combine
 
-    def __call__(self, batch):
-        return self.logits[batch.idx]
+    def __call__(self, batch, T=None):
+        z = self.logits[batch.idx]
+        return z if self.combine is None else combine_logits(z, self.combine, T)
 
 
 class OnlineTeacher:
     """The teacher run on the very batch the student sees (its jittered view): consistent targets
     (Beyer et al. 2022), at the price of a teacher forward pass per step."""
 
-    def __init__(self, model):
-        self.model = model.eval()
+    def __init__(self, model, combine=None):
+        self.model, self.combine = model.eval(), combine
 
-    def __call__(self, batch):
+    def __call__(self, batch, T=None):
         with torch.no_grad():
-            return self.model(batch.x)
+            if self.combine is None:
+                return self.model(batch.x)
+            return combine_logits(self.model.member_logits(batch.x), self.combine, T)

@@ -1,0 +1,1 @@
+"""Specialist models with a dustbin class (Hinton, Vinyals & Dean 2015, section 5): the math."""
