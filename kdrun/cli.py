@@ -21,6 +21,7 @@ COMMANDS = {  # command word -> (primary config, module)
     "distill": ("distill", "kdrun.commands.distill"),
     "pipeline": ("pipeline", "kdrun.commands.pipeline"),
     "evaluate": ("evaluate", "kdrun.commands.evaluate"),
+    "specialists": ("specialists", "kdrun.commands.specialists"),
 }
 PLAIN_COMMANDS = {"report": "summarise results.json files (sweeps, runs, a workdir) into report.md/.csv/.png"}
 # schedule group -> the top-level value it schedules (T and alpha are what users type)

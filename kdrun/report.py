@@ -164,7 +164,7 @@ def paper_section(rows, paper):
                       "paper_fixed": ref.get("corrected"), "here": here, "here_fixed": fixed})
     n_here = rows[0]["n_test"] if rows else "?"
     columns = [("run", "run"), ("setup in the paper", "what"),
-               (f"paper: errors of {paper.get('n_test', 10000)} ({paper.get('dataset', 'MNIST')})", "paper"),
+               (paper.get("measure") or f"paper: errors of {paper.get('n_test', 10000)} ({paper.get('dataset', 'MNIST')})", "paper"),
                (f"here: errors of {n_here}", "here")]
     if any(t["paper_fixed"] is not None or t["here_fixed"] for t in table):
         columns[3:3] = [("paper: after bias fix", "paper_fixed")]

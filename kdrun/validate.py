@@ -91,6 +91,8 @@ def validate(cfg):
     model_spec("student", cfg.student)
     if "transfer" in cfg:
         _transfer(cfg.transfer, ds)
+    if "specialists" in cfg:
+        _specialists(cfg)
     for key in ("start", "end"):
         if key in cfg.get("temperature", {}):
             _positive(f"temperature.{key}", cfg.temperature[key])
@@ -114,6 +116,29 @@ def _ensemble(cfg):
         _positive("teacher.recipe.optimizer.lr", t.recipe.optimizer.lr)
     if cfg.teacher_seed != 0 or cfg.get("teacher_ckpt"):
         raise KdrunError("teacher_seed and teacher_ckpt pick one teacher; an ensemble's are teacher.members")
+
+
+def _specialists(cfg):
+    s, t, C = cfg.specialists, cfg.transfer, cfg.dataset.num_classes
+    _int("specialists.k", s.k, 1)
+    if s.k > C:
+        raise KdrunError(f"specialists.k must be at most the number of classes ({C}), got {s.k}")
+    _int("specialists.min_size", s.min_size, 1)
+    _int("specialists.top_n", s.top_n, 1)
+    if s.top_n > C:
+        raise KdrunError(f"specialists.top_n must be at most the number of classes ({C}), got {s.top_n}")
+    _int("specialists.only", s.only, 0, allow_none=True)
+    _int("specialists.recipe.epochs", s.recipe.epochs, 1)
+    if s.recipe.lr is not None:
+        _positive("specialists.recipe.lr", s.recipe.lr)
+    _int("specialists.max_iter", s.max_iter, 1)
+    if t.val_size < C:
+        raise KdrunError(f"kdrun specialists needs transfer.val_size >= {C} (held-out examples whose generalist "
+                         f"predictions are clustered), got {t.val_size}")
+    for key, default in (("exclude_classes", []), ("only_classes", []), ("fraction", 1.0), ("labels", True),
+                         ("augment", False), ("bias_correction", False)):
+        if t[key] != default:
+            raise KdrunError(f"kdrun specialists uses transfer.val_size only; transfer.{key} is for kdrun distill")
 
 
 def _bool(name, value):

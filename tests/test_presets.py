@@ -120,6 +120,24 @@ def test_student_size_sweeps_students_and_temperatures(kdrun, workdir):
     assert seen == {("mlp30", 2), ("mlp30", 20), ("mlp300", 2), ("mlp300", 20)}
 
 
+def test_ensemble_fashion_distils_one_model_of_each_size_from_the_ensemble(kdrun, workdir):
+    out = kdrun("pipeline", "experiment=ensemble_fashion", *TINY, "teacher.members=[0,1]")
+    run = pipeline_dir(workdir)
+    ensemble = results(run / "teacher")
+    assert ensemble["teacher"] == "ensemble(arithmetic, 2x mlp1200_adamw)"
+    assert [results(run / "teacher" / f"member_{i}")["seed"] for i in (0, 1)] == [0, 1]
+    for name, student in (("distilled", "mlp800"), ("same_size_distilled", "mlp1200_adamw")):
+        r = results(run / name)
+        assert (r["student"], r["teacher_key"], r["T"]) == (student, ensemble["teacher_key"], 4.0)
+    assert results(run / "same_size_alone")["teacher_key"] is None
+    rows = {(r["label"], r["teacher"]): r for r in csv.DictReader(open(run / "report.csv"))}
+    assert float(rows[("ensemble", ensemble["teacher"])]["errors_mean"]) == ensemble["test_errors"]
+    assert rows[("", "mlp1200_adamw")]["n"] == "2"  # the members, one row
+    assert "## Compared with Hinton et al. 2015, section 4 (Table 1, speech recognition)" in out.stdout
+    paper_row = next(line for line in out.stdout.splitlines() if line.startswith("| ensemble ") and "61.1%" in line)
+    assert f"| {ensemble['test_errors']:.1f} ± 0.0 " in paper_row  # the paper's number beside the one measured
+
+
 def test_every_paper_preset_composes_its_runs_and_states_how_it_differs():
     from hydra import compose, initialize_config_dir
 
@@ -127,7 +145,7 @@ def test_every_paper_preset_composes_its_runs_and_states_how_it_differs():
     from kdrun.commands.pipeline import compose_run, student_runs
 
     expected = {"hinton_mnist": 2, "hinton_fashion": 6, "student_size": 3 + 3 * 8, "omit_class": 2,
-                "only_classes": 2, "regulariser": 4}
+                "only_classes": 2, "regulariser": 4, "ensemble_fashion": 4}
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         for name, n_jobs in expected.items():
             cfg = compose(config_name="pipeline", overrides=[f"experiment={name}"])

@@ -147,13 +147,16 @@ def _describe(arch):
     return "(" + ", ".join(f"{k}={v}" for k, v in arch.items() if k != "_target_") + ")"
 
 
-def train_model(cfg, run_dir, role, objective, data, train_set, device, extra_results):
-    """Build the `role` model (teacher or student), train it on `train_set` with `objective`, save
-    its artifacts. Returns (results, trained model)."""
+def train_model(cfg, run_dir, role, objective, data, train_set, device, extra_results, init=None):
+    """Build the `role` model (teacher or student), start it from `init(model)` if given, train it on
+    `train_set` with `objective`, save its artifacts. Returns (results, trained model)."""
     spec = cfg[role]
     recipe = spec.recipe
     torch.manual_seed(cfg.seed)
-    model = build_model(spec.model, data.shape, data.num_classes).to(device)
+    model = build_model(spec.model, data.shape, data.num_classes)
+    if init is not None:
+        init(model)
+    model = model.to(device)
     optimizer = instantiate(recipe.optimizer)(model.parameters())  # configs are partials
     steps = recipe.epochs * train_set.n_batches(recipe.batch_size)
     scheduler = instantiate(recipe.scheduler)(optimizer, total_steps=steps)

@@ -94,6 +94,7 @@ def run(cfg, run_dir):
     save_config(cfg, run_dir)
     teacher_cfg = cfg.copy()
     teacher_cfg.seed = cfg.teacher_seed
+    teacher_cfg.command = "train"  # its results are a teacher's, whoever trains it
     taught = train.run(teacher_cfg, run_dir / "teacher")
     soft_targets.run(cfg, run_dir / "soft_targets")
     done = []

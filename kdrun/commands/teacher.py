@@ -157,7 +157,8 @@ def ensemble_record(cfg, model, group, keys, shas, data):
     member_errors = (z.argmax(-1) != labels[:, None]).sum(0).tolist()
     errors = int((combine_logits(z, cfg.teacher.combine, 1.0).argmax(-1) != labels).sum())
     results = {
-        "command": "train", "status": "completed", "dataset": cfg.dataset.name, "teacher": ensemble_name(cfg, group),
+        "command": "train", "status": "completed", "label": "ensemble", "dataset": cfg.dataset.name,
+        "teacher": ensemble_name(cfg, group),
         "student": None, "T": None, "alpha": None, "seed": None, "n_train": len(data.train),
         "n_params": n_params(model), "combine": cfg.teacher.combine, "teacher_key": key,
         "test_errors": errors, "n_test": len(data.test), "test_accuracy": 1 - errors / len(data.test),

@@ -1,0 +1,192 @@
+"""`kdrun specialists` (Hinton et al. 2015, section 5): a generalist, then one specialist per cluster of
+classes it confuses, each with a dustbin class, then per-example inference that combines them.
+
+generalist (teacher=, trained on the train split minus transfer.val_size held-out examples)
+  -> its predictions on the held-out examples -> K-means on the columns of their covariance
+  -> per cluster: a specialist initialised from the generalist, trained on its classes plus as many
+     others (its dustbin), the dustbin logit raised by log(how much the dustbin was under-sampled)
+  -> on the test set: the generalist's top-n classes pick the active specialists, and per example
+     the distribution minimising KL(p_g || q) + sum of KL(p_m || dustbin-collapsed q).
+Generalist and specialists go to the teacher store, so `-m specialists.only=0,1,...` trains the
+specialists as parallel jobs and a last plain run combines them."""
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from kdrun import store
+from kdrun.commands.common import Data, check_buildable, check_inputs, fold_recipe_overrides, load_data, load_model, resolve_device, save_config, train_model
+from kdrun.data.batches import DeviceData
+from kdrun.data.transfer import select_rows
+from kdrun.errors import KdrunError
+from kdrun.io import atomic_write, content_key, write_json
+from kdrun.loop import predict
+from kdrun.objectives import CrossEntropy
+from kdrun.report import markdown_table
+from kdrun.specialists.clusters import cluster_classes
+from kdrun.specialists.combine import active_specialists, combine
+from kdrun.specialists.dustbin import Specialty
+from kdrun.specialists.heads import init_from_generalist
+
+log = logging.getLogger("kdrun")
+
+
+def preflight(cfg, overrides=()):
+    transfer = check_inputs(cfg)
+    if "members" in cfg.teacher:
+        raise KdrunError("kdrun specialists trains its own generalist: teacher= must name one model, not an ensemble")
+    check_buildable(fold_recipe_overrides(cfg, ["teacher"]), ["teacher"])
+    if cfg.transfer.val_size >= transfer["n"]:
+        raise KdrunError(f"transfer.val_size ({cfg.transfer.val_size}) must be smaller than the train split ({transfer['n']})")
+
+
+def run(cfg, run_dir):
+    cfg = fold_recipe_overrides(cfg, ["teacher"])
+    save_config(cfg, run_dir)
+    run_dir = Path(run_dir)
+    data = load_data(cfg, resolve_device(cfg.device))
+    rows = select_rows(data.train.labels.cpu(), cfg.transfer, cfg.dataset.subset_seed)
+    generalist, generalist_key = _generalist(cfg, run_dir / "generalist", data, rows.train)
+    held_out = torch.softmax(predict(generalist, data.train.subset(rows.val)), dim=1)
+    clusters = cluster_classes(held_out.cpu(), cfg.specialists.k, cfg.specialists.min_size, cfg.seed)
+    if not clusters:
+        raise KdrunError(f"no cluster has specialists.min_size={cfg.specialists.min_size} classes or more; "
+                         "try a smaller specialists.k")
+    specialties = [Specialty(tuple(c), data.num_classes) for c in clusters]
+    names = list(cfg.dataset.classes)
+    for i, s in enumerate(specialties):
+        log.info("specialist %d: %s", i, ", ".join(names[c] for c in s.classes))
+    only = cfg.specialists.only
+    if only is not None and only >= len(specialties):
+        raise KdrunError(f"specialists.only={only}, but the clustering gave {len(specialties)} specialists "
+                         f"(0..{len(specialties) - 1})")
+    chosen = range(len(specialties)) if only is None else [only]
+    trained = {i: _specialist(cfg, run_dir / f"specialist_{i}", data, rows.train, generalist, generalist_key, specialties[i])
+               for i in chosen}
+    base = {"command": "specialists", "status": "completed", "dataset": cfg.dataset.name, "generalist": cfg.teacher.name,
+            "generalist_key": generalist_key, "clusters": [[names[c] for c in s.classes] for s in specialties],
+            "cluster_classes": clusters, "specialists": [trained[i][1] for i in chosen], "run_dir": str(run_dir)}
+    if only is not None:
+        write_json(run_dir / "results.json", {**base, "only": only})
+        return base
+    results = {**base, **evaluate(generalist, [trained[i][0] for i in chosen], specialties, data.test, cfg.specialists)}
+    write_json(run_dir / "results.json", results)
+    text = render(results, cfg)
+    atomic_write(run_dir / "report.md", lambda f: f.write(text), mode="w")
+    print(text)
+    return results
+
+
+def _generalist(cfg, run_dir, data, train_rows):
+    """The teacher trained on the train split minus the held-out rows (from the store if it is there)."""
+    identity = {**store.teacher_identity(cfg, cfg.seed), "held_out": cfg.transfer.val_size}
+    key = content_key(identity)
+    path = store.lookup(cfg.workdir, key)
+    if path is None:
+        extra = {"teacher": cfg.teacher.name, "held_out": cfg.transfer.val_size, "teacher_key": key}
+        results, _ = train_model(cfg, run_dir, "teacher", CrossEntropy(), data, data.train.subset(train_rows),
+                                 data.train.device, extra)
+        path = store.publish(cfg.workdir, key, Path(results["model"]), identity, run_dir, results)
+    else:
+        log.info("generalist %s (key %s) is already trained: %s", cfg.teacher.name, key, path)
+    arch = OmegaConf.to_container(cfg.teacher.model, resolve=True)
+    return load_model(path, data, cfg.dataset.name, cfg.teacher.name, arch)[0], key
+
+
+def _specialist_cfg(cfg):
+    """The generalist's config with the specialists' recipe changes."""
+    out = cfg.copy()
+    out.teacher.recipe.epochs = cfg.specialists.recipe.epochs
+    if cfg.specialists.recipe.lr is not None:
+        out.teacher.recipe.optimizer.lr = cfg.specialists.recipe.lr
+    return out
+
+
+def _specialist(cfg, run_dir, data, train_rows, generalist, generalist_key, specialty):
+    """(model, summary) of the specialist for `specialty`, trained now unless the store has it."""
+    scfg = _specialist_cfg(cfg)
+    identity = {"specialist_of": generalist_key, "classes": list(specialty.classes),
+                "recipe": OmegaConf.to_container(scfg.teacher.recipe, resolve=True), "seed": cfg.seed}
+    key = content_key(identity)
+    labels = data.train.labels[train_rows]
+    picked, shift = specialty.training_rows(labels.cpu(), torch.Generator().manual_seed(cfg.seed))
+    rows = train_rows[picked.to(train_rows.device)]
+    arch = OmegaConf.to_container(cfg.teacher.model, resolve=True)
+    local = Data(_relabelled(data.train, rows, specialty), _relabelled(data.test, None, specialty), data.shape,
+                 specialty.n_outputs, data.transfer)
+    path = store.lookup(cfg.workdir, key)
+    if path is None:
+        extra = {"teacher": cfg.teacher.name, "classes": list(specialty.classes), "dustbin_shift": shift,
+                 "teacher_key": key, "generalist_key": generalist_key}
+        results, _ = train_model(scfg, run_dir, "teacher", CrossEntropy(), local, local.train, data.train.device, extra,
+                                 init=lambda model: init_from_generalist(model, generalist, specialty.classes))
+        path = store.publish(cfg.workdir, key, Path(results["model"]), identity, run_dir, results)
+    model = load_model(path, local, cfg.dataset.name, cfg.teacher.name, arch)[0]
+    own = store.stored_results(cfg.workdir, key)
+    summary = {"classes": list(specialty.classes), "key": key, "n_train": len(rows), "dustbin_shift": shift,
+               "test_errors_own_task": own.get("test_errors")}
+    return _Shifted(model, specialty.dustbin, shift), summary
+
+
+def _relabelled(split, rows, specialty):
+    """Rows of a split (all when None) with labels mapped to the specialist's outputs (others: dustbin)."""
+    images, labels = (split.images, split.labels) if rows is None else (split.images[rows], split.labels[rows])
+    return DeviceData(images, specialty.to_local(labels), split.mean, split.std, split.device)
+
+
+class _Shifted(torch.nn.Module):
+    """A specialist with its dustbin logit raised by `shift` (undoing the dustbin's under-sampling)."""
+
+    def __init__(self, model, dustbin, shift):
+        super().__init__()
+        self.model = model
+        offset = torch.zeros(dustbin + 1)
+        offset[dustbin] = shift
+        self.register_buffer("offset", offset.to(next(model.parameters()).device))
+
+    def forward(self, x):
+        return self.model(x) + self.offset
+
+
+def evaluate(generalist, specialists, specialties, test, settings):
+    """Test errors of the generalist alone and combined with the specialists, and the paper's Table 4:
+    the change in correct answers split by how many specialists cover the true class."""
+    p_g = torch.softmax(predict(generalist, test), dim=1).cpu()
+    p_m = [torch.softmax(predict(m, test), dim=1).cpu() for m in specialists]
+    active = active_specialists(p_g, specialties, settings.top_n)
+    q = combine(p_g, p_m, specialties, active, max_iter=settings.max_iter)
+    labels = test.labels.cpu()
+    right_g, right_q = p_g.argmax(1) == labels, q.argmax(1) == labels
+    covering = torch.stack([torch.isin(labels, torch.tensor(s.classes)) for s in specialties], 1).sum(1)
+    table = []
+    for n in range(int(covering.max()) + 1 if len(labels) else 0):
+        rows = covering == n
+        g, c = int(right_g[rows].sum()), int(right_q[rows].sum())
+        table.append({"covering": n, "n_test": int(rows.sum()), "generalist_correct": g, "combined_correct": c,
+                      "delta_correct": c - g, "relative_accuracy_change": (c - g) / g if g else None})
+    return {"n_test": len(labels), "generalist_test_errors": int((~right_g).sum()),
+            "test_errors": int((~right_q).sum()), "n_active": int(active.any(1).sum()), "by_covering": table}
+
+
+def render(results, cfg):
+    s = results
+    n = s["n_test"]
+    lines = [f"# kdrun specialists: {cfg.teacher.name} generalist on {cfg.dataset.name}", "",
+             f"Clusters of the generalist's held-out predictions (K-means, k={cfg.specialists.k}, "
+             f"min_size={cfg.specialists.min_size}, on {cfg.transfer.val_size} held-out training examples):", ""]
+    lines += [f"- specialist {i}: {', '.join(c)} (trained on {sp['n_train']} examples; dustbin logit "
+              f"+{sp['dustbin_shift']:.2f})" for i, (c, sp) in enumerate(zip(s["clusters"], s["specialists"]))]
+    table = [{"model": "generalist", "errors": s["generalist_test_errors"], "acc": 1 - s["generalist_test_errors"] / n},
+             {"model": f"generalist + {len(s['specialists'])} specialists (top_n={cfg.specialists.top_n})",
+              "errors": s["test_errors"], "acc": 1 - s["test_errors"] / n}]
+    lines += ["", markdown_table(table, [("model", "model"), (f"test errors (of {n})", "errors"), ("test acc", "acc")]),
+              "", f"Examples with an active specialist: {s['n_active']} of {n}.", "",
+              "By how many specialists cover the true class (the paper's Table 4):", "",
+              markdown_table(s["by_covering"], [("specialists covering", "covering"), ("test examples", "n_test"),
+                                                ("generalist correct", "generalist_correct"),
+                                                ("combined correct", "combined_correct"), ("change", "delta_correct"),
+                                                ("relative accuracy change", "relative_accuracy_change")])]
+    return "\n".join(lines) + "\n"
+
