@@ -64,9 +64,13 @@ def collect(paths):
                 r["T"] = r["loss"] = None
             runs[r.get("run_dir", str(f.parent))] = r
     for r in list(runs.values()):
-        meta = r.get("teacher_record") or (Path(r["teacher_ckpt"]).with_name("teacher.json") if r.get("teacher_ckpt") else None)
-        if r["role"] == "distilled" and meta is not None and Path(meta).is_file():
+        if r["role"] != "distilled":
+            continue
+        t = r.get("teacher_results")  # an ensemble's row, as this run measured it
+        meta = Path(r["teacher_ckpt"]).with_name("teacher.json") if r.get("teacher_ckpt") else None
+        if t is None and meta is not None and meta.is_file():
             t = read_json(meta)["results"]
+        if t is not None:
             teachers.setdefault(t.get("teacher_key") or t["run_dir"], {**t, "role": "teacher"})
     return list(teachers.values()) + list(runs.values())
 
@@ -106,6 +110,8 @@ def summarise(runs):
             if before is not None and after is not None:
                 row["unseen"] = f"{before:g} -> {after:g} of {members[0]['bias_correction']['n_test_unseen']}"
         row["members_errors_mean"] = members[0].get("members_test_errors_mean")  # an ensemble teacher's
+        row["members_n_params"] = {m.get("n_params") for m in members[0].get("members") or []}
+        row["n_params"] = members[0].get("n_params")
         rows.append(row)
     for row in rows:
         if row["role"] == "distilled":
@@ -133,10 +139,10 @@ def _gap(row, rows):
 
 
 def _gain_kept(row, rows):
-    """Of an ensemble teacher's gain over its average member, the share the distilled model kept:
-    (members' mean errors - errors distilled) / (members' mean errors - ensemble errors)."""
+    """Of an ensemble teacher's gain over its average member, the share a distilled model of the members'
+    size kept: (members' mean errors - errors distilled) / (members' mean errors - ensemble errors)."""
     teacher = [r for r in rows if r["role"] == "teacher" and r["teacher_key"] == row["teacher_key"]]
-    if len(teacher) != 1 or teacher[0]["members_errors_mean"] is None:
+    if len(teacher) != 1 or teacher[0]["members_errors_mean"] is None or teacher[0]["members_n_params"] != {row["n_params"]}:
         return None
     single, ensemble = teacher[0]["members_errors_mean"], teacher[0]["errors_mean"]
     return (single - row["errors_mean"]) / (single - ensemble) if single > ensemble else None

@@ -16,7 +16,7 @@ log = logging.getLogger("kdrun")
 def save_model(path, model, arch, dataset, extra):
     """A kdrun model.pt: weights plus what rebuilds them (see commands.common.load_model)."""
     save_torch(path, {"model": model.state_dict(), "arch": arch, "dataset": dataset,
-                      "kdrun_version": __version__, **extra})
+                      "num_classes": model.head.out_features, "kdrun_version": __version__, **extra})
 
 
 class Recorder:

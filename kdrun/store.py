@@ -53,6 +53,29 @@ def publish(workdir, key, model_path, identity, run_dir, results):
     return entry / "model.pt"
 
 
+def train_or_reuse(workdir, key, identity, train, retrain=False):
+    """(stored model.pt, results of training it or None if reused): `train()` runs only when the store
+    lacks `key` (or `retrain`), under a lock, so concurrent jobs wanting one model train it once."""
+    entry = _entry(workdir, key)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(entry) + ".train.lock"):
+        existing = lookup(workdir, key)
+        if existing is not None and not retrain:
+            return existing, None
+        results = train()
+        return publish(workdir, key, Path(results["model"]), identity, results["run_dir"], results), results
+
+
+def write_record(workdir, key, identity, results):
+    """teacher.json alone, for a teacher with no model.pt of its own (an ensemble): reports find its row
+    as they find a trained teacher's; `lookup` never takes it for a model."""
+    entry = _entry(workdir, key)
+    entry.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(entry) + ".lock"):
+        write_json(entry / "teacher.json", {"key": key, "identity": identity, "results": results})
+    return entry / "teacher.json"
+
+
 def stored_results(workdir, key):
     return read_json(_entry(workdir, key) / "teacher.json").get("results", {})
 
@@ -73,7 +96,10 @@ def missing_teacher_message(cfg, seed, command, suggest_seed=True):
     want = _flatten(identity)
     near = []
     for meta in sorted((Path(cfg.workdir) / "teachers").glob("*/teacher.json")):
-        have = _flatten(read_json(meta).get("identity", {}))
+        identity = read_json(meta).get("identity", {})
+        if set(identity) != {"teacher", "dataset", "seed"}:  # a generalist, a specialist, an ensemble
+            continue
+        have = _flatten(identity)
         if have.get("teacher.name") == want["teacher.name"] and have.get("dataset.name") == want["dataset.name"]:
             diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
             if "seed" in diff and not suggest_seed:

@@ -120,14 +120,18 @@ def _ensemble(cfg):
 
 def _specialists(cfg):
     s, t, C = cfg.specialists, cfg.transfer, cfg.dataset.num_classes
-    _int("specialists.k", s.k, 1)
+    _int("specialists.k", s.k, 2)  # one cluster would hold every class, leaving no dustbin
     if s.k > C:
         raise KdrunError(f"specialists.k must be at most the number of classes ({C}), got {s.k}")
     _int("specialists.min_size", s.min_size, 1)
+    if s.min_size > C - 1:
+        raise KdrunError(f"specialists.min_size must be at most {C - 1} (a specialist needs a dustbin), got {s.min_size}")
     _int("specialists.top_n", s.top_n, 1)
     if s.top_n > C:
         raise KdrunError(f"specialists.top_n must be at most the number of classes ({C}), got {s.top_n}")
     _int("specialists.only", s.only, 0, allow_none=True)
+    if s.only is not None and s.only >= s.k:
+        raise KdrunError(f"specialists.only must be below specialists.k ({s.k}), got {s.only}")
     _int("specialists.recipe.epochs", s.recipe.epochs, 1)
     if s.recipe.lr is not None:
         _positive("specialists.recipe.lr", s.recipe.lr)
@@ -135,6 +139,11 @@ def _specialists(cfg):
     if t.val_size < C:
         raise KdrunError(f"kdrun specialists needs transfer.val_size >= {C} (held-out examples whose generalist "
                          f"predictions are clustered), got {t.val_size}")
+    for key in ("teacher_ckpt", "retrain"):
+        if cfg[key]:
+            raise KdrunError(f"kdrun specialists trains (or reuses) its own generalist; {key} is not for it")
+    if cfg.teacher_seed != 0:
+        raise KdrunError("kdrun specialists trains its generalist with seed=N; teacher_seed is not for it")
     for key, default in (("exclude_classes", []), ("only_classes", []), ("fraction", 1.0), ("labels", True),
                          ("augment", False), ("bias_correction", False)):
         if t[key] != default:

@@ -127,7 +127,7 @@ def test_cli_members_as_a_sweep_then_ensemble_distill_evaluate_and_report(kdrun,
             probs.append(torch.softmax(model.eval()(x), dim=1))
     assert ens["test_errors"] == int((torch.stack(probs).mean(0).argmax(1) != test.labels).sum())
 
-    kdrun("distill", *members, *t, "T=4", "epochs=1", "hydra.run.dir=" + str(tmp_path / "distilled"))
+    kdrun("distill", *members, *t, "student=mlp30", "T=4", "epochs=1", "hydra.run.dir=" + str(tmp_path / "distilled"))
     res = read_json(tmp_path / "distilled" / "results.json")
     assert res["teacher_key"] == ens["teacher_key"] and res["teacher"] == ens["teacher"] and res["teacher_ckpt"] is None
     cache = torch.load(res["soft_targets"], weights_only=True)
@@ -143,7 +143,7 @@ def test_cli_members_as_a_sweep_then_ensemble_distill_evaluate_and_report(kdrun,
     assert read_json(tmp_path / "student_eval" / "results.json")["test_errors"] == res["test_errors"]
     assert f"{res['test_errors']} test errors of 500" in student.stdout
 
-    kdrun("distill", *members, *t, "alpha=0", "epochs=1", "hydra.run.dir=" + str(tmp_path / "alone"))
+    kdrun("distill", *members, *t, "student=mlp30", "alpha=0", "epochs=1", "hydra.run.dir=" + str(tmp_path / "alone"))
     kdrun("report", str(tmp_path / "ens_train"), str(tmp_path / "distilled"), str(tmp_path / "alone"),
           "--out", str(tmp_path / "report"))
     rows = {r["teacher"] + "|" + r["role"]: r for r in csv_rows(tmp_path / "report" / "report.csv")}

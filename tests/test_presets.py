@@ -133,6 +133,7 @@ def test_ensemble_fashion_distils_one_model_of_each_size_from_the_ensemble(kdrun
     rows = {(r["label"], r["teacher"]): r for r in csv.DictReader(open(run / "report.csv"))}
     assert float(rows[("ensemble", ensemble["teacher"])]["errors_mean"]) == ensemble["test_errors"]
     assert rows[("", "mlp1200_adamw")]["n"] == "2"  # the members, one row
+    assert rows[("distilled", ensemble["teacher"])]["gain_kept"] == ""  # the paper's measure is for the members' size
     assert "## Compared with Hinton et al. 2015, section 4 (Table 1, speech recognition)" in out.stdout
     paper_row = next(line for line in out.stdout.splitlines() if line.startswith("| ensemble ") and "61.1%" in line)
     assert f"| {ensemble['test_errors']:.1f} ± 0.0 " in paper_row  # the paper's number beside the one measured

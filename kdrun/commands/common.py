@@ -117,14 +117,18 @@ def transfer_identity(ds, raw_dir):
             "transform": f"normalize(mean={ds.mean}, std={ds.std}), no jitter"}
 
 
-def check_model_payload(path, dataset_name, expect_name, expect_arch, role="teacher"):
-    """Load a kdrun model.pt, refusing one of another dataset or architecture (expect_arch None: any);
-    returns (payload, sha256)."""
+def check_model_payload(path, dataset_name, expect_name, expect_arch, role="teacher", num_classes=None):
+    """Load a kdrun model.pt, refusing one of another dataset, architecture (expect_arch None: any) or
+    number of outputs (a specialist's are its classes and a dustbin); returns (payload, sha256)."""
     payload, sha256 = load_torch_and_hash(path, f"{role} checkpoint")
     if not isinstance(payload, dict) or not {"model", "arch", "dataset"} <= set(payload):
         raise KdrunError(f"{path} is not a kdrun model checkpoint")
     if payload["dataset"] != dataset_name:
         raise KdrunError(f"{role} checkpoint {path} was trained on {payload['dataset']}, not {dataset_name}")
+    outputs = payload.get("num_classes", num_classes)
+    if num_classes is not None and outputs != num_classes:
+        raise KdrunError(f"{role} checkpoint {path} has {outputs} outputs ({payload.get('role', 'a model')} of "
+                         f"classes {payload.get('classes')}), not the {num_classes} classes of {dataset_name}")
     if expect_arch is not None and payload["arch"] != expect_arch:
         name = payload.get("name", "another architecture")
         raise KdrunError(f"{role} checkpoint {path} is {name} {_describe(payload['arch'])}, but {role}={expect_name} "
@@ -134,7 +138,7 @@ def check_model_payload(path, dataset_name, expect_name, expect_arch, role="teac
 
 def load_model(path, data, dataset_name, expect_name, expect_arch, role="teacher"):
     """Rebuild a model from a kdrun model.pt (see check_model_payload); returns (model, sha256)."""
-    payload, sha256 = check_model_payload(path, dataset_name, expect_name, expect_arch, role)
+    payload, sha256 = check_model_payload(path, dataset_name, expect_name, expect_arch, role, data.num_classes)
     model = build_model(payload["arch"], data.shape, data.num_classes)
     try:
         model.load_state_dict(payload["model"])
@@ -147,9 +151,10 @@ def _describe(arch):
     return "(" + ", ".join(f"{k}={v}" for k, v in arch.items() if k != "_target_") + ")"
 
 
-def train_model(cfg, run_dir, role, objective, data, train_set, device, extra_results, init=None):
+def train_model(cfg, run_dir, role, objective, data, train_set, device, extra_results, init=None, saved_as=None):
     """Build the `role` model (teacher or student), start it from `init(model)` if given, train it on
-    `train_set` with `objective`, save its artifacts. Returns (results, trained model)."""
+    `train_set` with `objective`, save its artifacts (model.pt records `saved_as`, default the role).
+    Returns (results, trained model)."""
     spec = cfg[role]
     recipe = spec.recipe
     torch.manual_seed(cfg.seed)
@@ -167,7 +172,7 @@ def train_model(cfg, run_dir, role, objective, data, train_set, device, extra_re
                batch_size=recipe.batch_size, jitter=recipe.jitter, generator=generator, recorder=recorder,
                progress=cfg.progress)
     arch = OmegaConf.to_container(spec.model, resolve=True)
-    model_path = recorder.save_model(model, arch, cfg.dataset.name, {"name": spec.name, "role": role})
+    model_path = recorder.save_model(model, arch, cfg.dataset.name, {"name": spec.name, "role": role, **(saved_as or {})})
     results = {
         "command": cfg.command, "status": "completed", "dataset": cfg.dataset.name,
         "seed": cfg.seed, "epochs": recipe.epochs, "lr": recipe.optimizer.lr, "batch_size": recipe.batch_size,

@@ -24,7 +24,7 @@ def _checked(cfg):
     path = Path(cfg.ckpt)
     if not path.is_file():
         raise KdrunError(f"checkpoint not found: {path}")
-    return path, check_model_payload(path, cfg.dataset.name, None, None, role="model")[0]
+    return path, check_model_payload(path, cfg.dataset.name, None, None, "model", cfg.dataset.num_classes)[0]
 
 
 def _model(cfg, data):

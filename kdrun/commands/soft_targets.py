@@ -18,7 +18,7 @@ def run(cfg, run_dir):
     data = load_data(cfg, resolve_device(cfg.device))
     logits, info = teacher.cached_logits(cfg, data)
     results = {"command": "soft-targets", "status": "completed", "dataset": cfg.dataset.name,
-               "teacher": cfg.teacher.name, "n": int(logits.shape[0]), "num_classes": int(logits.shape[1]),
+               "teacher": cfg.teacher.name, "n": int(logits.shape[0]), "num_classes": int(logits.shape[-1]),
                "wall_s": round(time.perf_counter() - started, 3), "run_dir": str(run_dir), **info}
     write_json(run_dir / "results.json", results)
     return results

@@ -17,6 +17,8 @@ import torch
 from omegaconf import OmegaConf
 
 from kdrun import store
+from kdrun.commands import teacher
+from kdrun.commands.distill import check_val_size
 from kdrun.commands.common import Data, check_buildable, check_inputs, fold_recipe_overrides, load_data, load_model, resolve_device, save_config, train_model
 from kdrun.data.batches import DeviceData
 from kdrun.data.transfer import select_rows
@@ -35,11 +37,10 @@ log = logging.getLogger("kdrun")
 
 def preflight(cfg, overrides=()):
     transfer = check_inputs(cfg)
-    if "members" in cfg.teacher:
+    if teacher.is_ensemble(cfg):
         raise KdrunError("kdrun specialists trains its own generalist: teacher= must name one model, not an ensemble")
     check_buildable(fold_recipe_overrides(cfg, ["teacher"]), ["teacher"])
-    if cfg.transfer.val_size >= transfer["n"]:
-        raise KdrunError(f"transfer.val_size ({cfg.transfer.val_size}) must be smaller than the train split ({transfer['n']})")
+    check_val_size(cfg, transfer["n"])
 
 
 def run(cfg, run_dir):
@@ -48,9 +49,10 @@ def run(cfg, run_dir):
     run_dir = Path(run_dir)
     data = load_data(cfg, resolve_device(cfg.device))
     rows = select_rows(data.train.labels.cpu(), cfg.transfer, cfg.dataset.subset_seed)
-    generalist, generalist_key = _generalist(cfg, run_dir / "generalist", data, rows.train)
+    generalist, generalist_key, generalist_sha = _generalist(cfg, run_dir / "generalist", data, rows.train)
     held_out = torch.softmax(predict(generalist, data.train.subset(rows.val)), dim=1)
     clusters = cluster_classes(held_out.cpu(), cfg.specialists.k, cfg.specialists.min_size, cfg.seed)
+    clusters = [c for c in clusters if len(c) < data.num_classes]  # all classes in one: no dustbin, no specialist
     if not clusters:
         raise KdrunError(f"no cluster has specialists.min_size={cfg.specialists.min_size} classes or more; "
                          "try a smaller specialists.k")
@@ -63,7 +65,7 @@ def run(cfg, run_dir):
         raise KdrunError(f"specialists.only={only}, but the clustering gave {len(specialties)} specialists "
                          f"(0..{len(specialties) - 1})")
     chosen = range(len(specialties)) if only is None else [only]
-    trained = {i: _specialist(cfg, run_dir / f"specialist_{i}", data, rows.train, generalist, generalist_key, specialties[i])
+    trained = {i: _specialist(cfg, run_dir / f"specialist_{i}", data, rows.train, generalist, generalist_sha, specialties[i])
                for i in chosen}
     base = {"command": "specialists", "status": "completed", "dataset": cfg.dataset.name, "generalist": cfg.teacher.name,
             "generalist_key": generalist_key, "clusters": [[names[c] for c in s.classes] for s in specialties],
@@ -71,7 +73,7 @@ def run(cfg, run_dir):
     if only is not None:
         write_json(run_dir / "results.json", {**base, "only": only})
         return base
-    results = {**base, **evaluate(generalist, [trained[i][0] for i in chosen], specialties, data.test, cfg.specialists)}
+    results = {**base, **score(generalist, [trained[i][0] for i in chosen], specialties, data.test, cfg.specialists)}
     write_json(run_dir / "results.json", results)
     text = render(results, cfg)
     atomic_write(run_dir / "report.md", lambda f: f.write(text), mode="w")
@@ -80,19 +82,22 @@ def run(cfg, run_dir):
 
 
 def _generalist(cfg, run_dir, data, train_rows):
-    """The teacher trained on the train split minus the held-out rows (from the store if it is there)."""
+    """(model, key, sha256) of the teacher trained on the train split minus the held-out rows: from the
+    store, or trained now (once, when parallel jobs ask for it together)."""
     identity = {**store.teacher_identity(cfg, cfg.seed), "held_out": cfg.transfer.val_size}
     key = content_key(identity)
-    path = store.lookup(cfg.workdir, key)
-    if path is None:
+
+    def train():
         extra = {"teacher": cfg.teacher.name, "held_out": cfg.transfer.val_size, "teacher_key": key}
-        results, _ = train_model(cfg, run_dir, "teacher", CrossEntropy(), data, data.train.subset(train_rows),
-                                 data.train.device, extra)
-        path = store.publish(cfg.workdir, key, Path(results["model"]), identity, run_dir, results)
-    else:
+        return train_model(cfg, run_dir, "teacher", CrossEntropy(), data, data.train.subset(train_rows),
+                           data.train.device, extra, saved_as={"role": "generalist"})[0]
+
+    path, trained = store.train_or_reuse(cfg.workdir, key, identity, train)
+    if trained is None:
         log.info("generalist %s (key %s) is already trained: %s", cfg.teacher.name, key, path)
     arch = OmegaConf.to_container(cfg.teacher.model, resolve=True)
-    return load_model(path, data, cfg.dataset.name, cfg.teacher.name, arch)[0], key
+    model, sha256 = load_model(path, data, cfg.dataset.name, cfg.teacher.name, arch)
+    return model, key, sha256
 
 
 def _specialist_cfg(cfg):
@@ -104,10 +109,11 @@ def _specialist_cfg(cfg):
     return out
 
 
-def _specialist(cfg, run_dir, data, train_rows, generalist, generalist_key, specialty):
-    """(model, summary) of the specialist for `specialty`, trained now unless the store has it."""
+def _specialist(cfg, run_dir, data, train_rows, generalist, generalist_sha, specialty):
+    """(model, summary) of the specialist for `specialty`, trained now unless the store has it (it is
+    keyed by the generalist's weights, so a retrained generalist gets new specialists)."""
     scfg = _specialist_cfg(cfg)
-    identity = {"specialist_of": generalist_key, "classes": list(specialty.classes),
+    identity = {"specialist_of": generalist_sha, "classes": list(specialty.classes),
                 "recipe": OmegaConf.to_container(scfg.teacher.recipe, resolve=True), "seed": cfg.seed}
     key = content_key(identity)
     labels = data.train.labels[train_rows]
@@ -116,17 +122,20 @@ def _specialist(cfg, run_dir, data, train_rows, generalist, generalist_key, spec
     arch = OmegaConf.to_container(cfg.teacher.model, resolve=True)
     local = Data(_relabelled(data.train, rows, specialty), _relabelled(data.test, None, specialty), data.shape,
                  specialty.n_outputs, data.transfer)
-    path = store.lookup(cfg.workdir, key)
-    if path is None:
+
+    def train():
         extra = {"teacher": cfg.teacher.name, "classes": list(specialty.classes), "dustbin_shift": shift,
-                 "teacher_key": key, "generalist_key": generalist_key}
-        results, _ = train_model(scfg, run_dir, "teacher", CrossEntropy(), local, local.train, data.train.device, extra,
-                                 init=lambda model: init_from_generalist(model, generalist, specialty.classes))
-        path = store.publish(cfg.workdir, key, Path(results["model"]), identity, run_dir, results)
+                 "teacher_key": key, "generalist_sha256": generalist_sha}
+        return train_model(scfg, run_dir, "teacher", CrossEntropy(), local, local.train, data.train.device, extra,
+                           init=lambda model: init_from_generalist(model, generalist, specialty.classes),
+                           saved_as={"role": "specialist", "classes": list(specialty.classes)})[0]
+
+    path, _ = store.train_or_reuse(cfg.workdir, key, identity, train)
     model = load_model(path, local, cfg.dataset.name, cfg.teacher.name, arch)[0]
     own = store.stored_results(cfg.workdir, key)
+    # errors on its own task (its classes and the dustbin, test set), before the dustbin shift
     summary = {"classes": list(specialty.classes), "key": key, "n_train": len(rows), "dustbin_shift": shift,
-               "test_errors_own_task": own.get("test_errors")}
+               "own_task_test_errors": own.get("test_errors")}
     return _Shifted(model, specialty.dustbin, shift), summary
 
 
@@ -150,7 +159,7 @@ class _Shifted(torch.nn.Module):
         return self.model(x) + self.offset
 
 
-def evaluate(generalist, specialists, specialties, test, settings):
+def score(generalist, specialists, specialties, test, settings):
     """Test errors of the generalist alone and combined with the specialists, and the paper's Table 4:
     the change in correct answers split by how many specialists cover the true class."""
     p_g = torch.softmax(predict(generalist, test), dim=1).cpu()
@@ -183,7 +192,8 @@ def render(results, cfg):
               "errors": s["test_errors"], "acc": 1 - s["test_errors"] / n}]
     lines += ["", markdown_table(table, [("model", "model"), (f"test errors (of {n})", "errors"), ("test acc", "acc")]),
               "", f"Examples with an active specialist: {s['n_active']} of {n}.", "",
-              "By how many specialists cover the true class (the paper's Table 4):", "",
+              "By how many specialists cover the true class (the paper's Table 4; K-means gives disjoint "
+              "clusters, so here a class has 0 or 1, where the paper's 61 JFT specialists overlapped):", "",
               markdown_table(s["by_covering"], [("specialists covering", "covering"), ("test examples", "n_test"),
                                                 ("generalist correct", "generalist_correct"),
                                                 ("combined correct", "combined_correct"), ("change", "delta_correct"),

@@ -12,8 +12,8 @@ from kdrun import soft_targets, store
 from kdrun.commands.common import RECIPE_OVERRIDES, check_model_payload, load_model, n_params
 from kdrun.ensemble import Ensemble, combine_logits
 from kdrun.errors import KdrunError
-from kdrun.io import content_key, sha256_file, write_json
-from kdrun.validate import model_spec
+from kdrun.io import content_key, sha256_file
+from kdrun.validate import _int, model_spec
 
 
 def _train_command(cfg, overrides, seed=True):
@@ -22,7 +22,7 @@ def _train_command(cfg, overrides, seed=True):
     words = [f"teacher={cfg.teacher.name}", f"dataset={cfg.dataset.name}"]
     for item in overrides:
         key = item.partition("=")[0].lstrip("+~")
-        if key.startswith(("teacher.", "dataset.", "data_dir", "workdir")):
+        if key.startswith(("teacher.", "dataset.", "data_dir", "workdir", "experiment")):
             words.append(item)
     if seed:
         words.append(f"seed={cfg.teacher_seed}")
@@ -82,10 +82,11 @@ class Member:
         message = store.missing_teacher_message(self.cfg, self.seed, self.train_command, suggest_seed=False)
         return store.require_teacher(self.cfg.workdir, self.key, f"{self.where}: {message}")
 
-    def check(self, dataset_name):
+    def check(self, dataset):
         if self.ckpt:
-            return check_model_payload(self.path(), dataset_name, None, None)
-        return check_model_payload(self.path(), dataset_name, self.cfg.teacher.name, _arch(self.cfg))
+            return check_model_payload(self.path(), dataset.name, None, None, num_classes=dataset.num_classes)
+        return check_model_payload(self.path(), dataset.name, self.cfg.teacher.name, _arch(self.cfg),
+                                   num_classes=dataset.num_classes)
 
 
 def members(cfg, overrides=()):
@@ -121,10 +122,11 @@ def members(cfg, overrides=()):
             raise KdrunError(f"{where}: {explain(e, 'train')}") from None
         if "members" in composed.teacher:
             raise KdrunError(f"{where}: a member cannot itself be an ensemble")
+        _int(f"{where}: seed", composed.seed, 0)
         member_cfg = cfg.copy()
         OmegaConf.set_struct(member_cfg, False)
         member_cfg.teacher = composed.teacher
-        for path in RECIPE_OVERRIDES.values():  # teacher.recipe.* of the ensemble applies to every member
+        for path in RECIPE_OVERRIDES.values():  # the ensemble's teacher.recipe.* wins over a member's own
             value = OmegaConf.select(spec.recipe, path)
             if value is not None:
                 OmegaConf.update(member_cfg, f"teacher.recipe.{path}", value)
@@ -146,11 +148,9 @@ def ensemble_name(cfg, group):
 
 
 def ensemble_record(cfg, model, group, keys, shas, data):
-    """The ensemble as a teacher row: its test errors and each member's, written to the store
-    (teachers/<key>/teacher.json) so that reports find it as they find a trained teacher. Measured
-    each time (a test-set forward pass), so it always describes this test set."""
+    """The ensemble as a teacher row: its test errors and each member's, measured on this test set
+    (a forward pass) and written to the store (teachers/<key>/teacher.json) for `kdrun report`."""
     key = ensemble_keys(cfg, keys)[0]
-    path = Path(cfg.workdir) / "teachers" / key / "teacher.json"
     with torch.no_grad():
         z = torch.cat([model.member_logits(b.x) for b in data.test.batches(1000)])
     labels = data.test.labels
@@ -162,28 +162,30 @@ def ensemble_record(cfg, model, group, keys, shas, data):
         "student": None, "T": None, "alpha": None, "seed": None, "n_train": len(data.train),
         "n_params": n_params(model), "combine": cfg.teacher.combine, "teacher_key": key,
         "test_errors": errors, "n_test": len(data.test), "test_accuracy": 1 - errors / len(data.test),
-        "train_accuracy": None, "run_dir": str(path.parent),
-        "members": [{"member": m.where, "key": k, "sha256": s, "test_errors": e}
-                    for m, k, s, e in zip(group, keys, shas, member_errors)],
+        "train_accuracy": None,
+        "members": [{"member": m.where, "key": k, "sha256": s, "test_errors": e, "n_params": n_params(member)}
+                    for m, k, s, e, member in zip(group, keys, shas, member_errors, model.members)],
         "members_test_errors_mean": sum(member_errors) / len(member_errors),
     }
-    write_json(path, {"key": key, "identity": {"combine": cfg.teacher.combine, "members": keys}, "results": results})
-    return results, path
+    path = store.write_record(cfg.workdir, key, {"combine": cfg.teacher.combine, "members": keys}, results)
+    return {**results, "run_dir": str(path.parent)}, path
 
 
 def _load_ensemble(cfg, data):
     group = members(cfg)
     models, keys, shas = [], [], []
     for m in group:
-        payload, _ = m.check(cfg.dataset.name)
+        payload, _ = m.check(cfg.dataset)
         model, sha = load_model(m.path(), data, cfg.dataset.name, payload.get("name"), payload["arch"])
         models.append(model)
         keys.append(m.key)
         shas.append(sha)
     model = Ensemble(models, cfg.teacher.combine).eval()
     record, record_path = ensemble_record(cfg, model, group, keys, shas, data)
+    # the record travels with every run that uses it: a later evaluation on another test set rewrites the
+    # store's copy, not what this run was compared with
     info = {"teacher": record["teacher"], "teacher_key": record["teacher_key"], "teacher_sha256": content_key(shas),
-            "teacher_ckpt": None, "teacher_record": str(record_path), "combine": cfg.teacher.combine}
+            "teacher_ckpt": None, "teacher_results": record, "combine": cfg.teacher.combine}
     return model, info, record
 
 
@@ -196,11 +198,11 @@ def check(cfg, transfer, overrides=()):
     if is_ensemble(cfg):
         group = members(cfg, overrides)
         for m in group:
-            m.check(cfg.dataset.name)
+            m.check(cfg.dataset)
         cache_key = ensemble_keys(cfg, [m.key for m in group])[1]
     else:
         path, cache_key = resolve(cfg, overrides)
-        check_model_payload(path, cfg.dataset.name, cfg.teacher.name, _arch(cfg))
+        check_model_payload(path, cfg.dataset.name, cfg.teacher.name, _arch(cfg), num_classes=cfg.dataset.num_classes)
     soft_targets.check_cache(soft_targets.cache_path(cfg.workdir, cache_key, content_key(transfer)))
 
 

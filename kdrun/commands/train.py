@@ -21,7 +21,7 @@ def preflight(cfg, overrides=()):
         return
     for member in teacher.members(cfg):
         if member.ckpt:
-            member.check(cfg.dataset.name)
+            member.check(cfg.dataset)
         else:
             check_buildable(member.cfg, ["teacher"])
 
@@ -35,22 +35,22 @@ def run(cfg, run_dir):
 
 
 def _train_one(cfg, run_dir):
-    identity = store.teacher_identity(cfg, cfg.seed)
     key = store.teacher_key(cfg, cfg.seed)
-    existing = store.lookup(cfg.workdir, key)
-    if existing is not None and not cfg.retrain:
-        log.info("teacher %s (key %s) is already trained: %s (retrain=true trains it again)",
-                 cfg.teacher.name, key, existing)
-        results = {**store.stored_results(cfg.workdir, key), "command": "train", "status": "reused",
-                   "run_dir": str(run_dir), "model": str(existing)}
-        write_json(Path(run_dir) / "results.json", results)
+
+    def train():
+        device = resolve_device(cfg.device)
+        data = load_data(cfg, device)
+        extra = {"teacher": cfg.teacher.name, "student": None, "T": None, "alpha": None, "teacher_key": key}
+        return train_model(cfg, run_dir, "teacher", CrossEntropy(), data, data.train, device, extra)[0]
+
+    path, results = store.train_or_reuse(cfg.workdir, key, store.teacher_identity(cfg, cfg.seed), train, cfg.retrain)
+    if results is not None:
+        log.info("teacher %s stored as %s", cfg.teacher.name, path)
         return results
-    device = resolve_device(cfg.device)
-    data = load_data(cfg, device)
-    extra = {"teacher": cfg.teacher.name, "student": None, "T": None, "alpha": None, "teacher_key": key}
-    results, _ = train_model(cfg, run_dir, "teacher", CrossEntropy(), data, data.train, device, extra)
-    path = store.publish(cfg.workdir, key, Path(results["model"]), identity, run_dir, results)
-    log.info("teacher %s stored as %s", cfg.teacher.name, path)
+    log.info("teacher %s (key %s) is already trained: %s (retrain=true trains it again)", cfg.teacher.name, key, path)
+    results = {**store.stored_results(cfg.workdir, key), "command": "train", "status": "reused",
+               "run_dir": str(run_dir), "model": str(path)}
+    write_json(Path(run_dir) / "results.json", results)
     return results
 
 
