@@ -16,7 +16,7 @@ def _number(name, value):
     return value
 
 
-def _int(name, value, minimum, allow_none=False):
+def integer(name, value, minimum, allow_none=False):
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -53,13 +53,13 @@ def model_spec(role, spec):
         if key in m:
             _int_list(f"{role}.model.{key}", m[key])
     if "fc" in m:
-        _int(f"{role}.model.fc", m.fc, 1)
+        integer(f"{role}.model.fc", m.fc, 1)
     if m.get("max_norm") is not None:
         _positive(f"{role}.model.max_norm", m.max_norm)
     r = spec.recipe
-    _int(f"{role}.recipe.epochs", r.epochs, 1)
-    _int(f"{role}.recipe.batch_size", r.batch_size, 1)
-    _int(f"{role}.recipe.jitter", r.jitter, 0)
+    integer(f"{role}.recipe.epochs", r.epochs, 1)
+    integer(f"{role}.recipe.batch_size", r.batch_size, 1)
+    integer(f"{role}.recipe.jitter", r.jitter, 0)
     _positive(f"{role}.recipe.optimizer.lr", r.optimizer.lr)
 
 
@@ -71,17 +71,17 @@ def validate(cfg):
     if "alpha" in cfg:
         _in_range("alpha", cfg.alpha, 0, 1)
     for key in ("epochs", "batch_size"):
-        _int(key, cfg.get(key), 1, allow_none=True)
+        integer(key, cfg.get(key), 1, allow_none=True)
     if cfg.get("lr") is not None:
         _positive("lr", cfg.lr)
-    _int("seed", cfg.seed, 0)
-    _int("teacher_seed", cfg.teacher_seed, 0)
+    integer("seed", cfg.seed, 0)
+    integer("teacher_seed", cfg.teacher_seed, 0)
     if cfg.device not in DEVICES:
         raise KdrunError(f"device must be one of {', '.join(DEVICES)}, got {cfg.device!r}")
     ds = cfg.dataset
-    _int("dataset.limit", ds.limit, 1, allow_none=True)
-    _int("dataset.test_limit", ds.test_limit, 1, allow_none=True)
-    _int("dataset.subset_seed", ds.subset_seed, 0)
+    integer("dataset.limit", ds.limit, 1, allow_none=True)
+    integer("dataset.test_limit", ds.test_limit, 1, allow_none=True)
+    integer("dataset.subset_seed", ds.subset_seed, 0)
     if ds.limit is not None and ds.limit < ds.num_classes:
         raise KdrunError(f"dataset.limit must be at least the number of classes ({ds.num_classes}), got {ds.limit}")
     if "members" in cfg.teacher:
@@ -110,8 +110,8 @@ def _ensemble(cfg):
     if not OmegaConf.is_list(t.members) or not t.members:
         raise KdrunError(f"teacher.members must be a non-empty list (seeds, 'teacher=NAME seed=N' strings or "
                          f"model.pt paths), got {t.members!r}")
-    _int("teacher.recipe.epochs", t.recipe.epochs, 1, allow_none=True)
-    _int("teacher.recipe.batch_size", t.recipe.batch_size, 1, allow_none=True)
+    integer("teacher.recipe.epochs", t.recipe.epochs, 1, allow_none=True)
+    integer("teacher.recipe.batch_size", t.recipe.batch_size, 1, allow_none=True)
     if t.recipe.optimizer.lr is not None:
         _positive("teacher.recipe.optimizer.lr", t.recipe.optimizer.lr)
     if cfg.teacher_seed != 0 or cfg.get("teacher_ckpt"):
@@ -120,22 +120,22 @@ def _ensemble(cfg):
 
 def _specialists(cfg):
     s, t, C = cfg.specialists, cfg.transfer, cfg.dataset.num_classes
-    _int("specialists.k", s.k, 2)  # one cluster would hold every class, leaving no dustbin
+    integer("specialists.k", s.k, 2)  # one cluster would hold every class, leaving no dustbin
     if s.k > C:
         raise KdrunError(f"specialists.k must be at most the number of classes ({C}), got {s.k}")
-    _int("specialists.min_size", s.min_size, 1)
+    integer("specialists.min_size", s.min_size, 1)
     if s.min_size > C - 1:
         raise KdrunError(f"specialists.min_size must be at most {C - 1} (a specialist needs a dustbin), got {s.min_size}")
-    _int("specialists.top_n", s.top_n, 1)
+    integer("specialists.top_n", s.top_n, 1)
     if s.top_n > C:
         raise KdrunError(f"specialists.top_n must be at most the number of classes ({C}), got {s.top_n}")
-    _int("specialists.only", s.only, 0, allow_none=True)
+    integer("specialists.only", s.only, 0, allow_none=True)
     if s.only is not None and s.only >= s.k:
         raise KdrunError(f"specialists.only must be below specialists.k ({s.k}), got {s.only}")
-    _int("specialists.recipe.epochs", s.recipe.epochs, 1)
+    integer("specialists.recipe.epochs", s.recipe.epochs, 1)
     if s.recipe.lr is not None:
         _positive("specialists.recipe.lr", s.recipe.lr)
-    _int("specialists.max_iter", s.max_iter, 1)
+    integer("specialists.max_iter", s.max_iter, 1)
     if t.val_size < C:
         raise KdrunError(f"kdrun specialists needs transfer.val_size >= {C} (held-out examples whose generalist "
                          f"predictions are clustered), got {t.val_size}")
@@ -178,7 +178,7 @@ def _transfer(t, ds):
         raise KdrunError(f"transfer.fraction must be in (0, 1], got {t.fraction!r}")
     for key in ("labels", "augment", "bias_correction"):
         _bool(f"transfer.{key}", t[key])
-    _int("transfer.val_size", t.val_size, 0)  # its bound, the train split's size, is checked in preflight
+    integer("transfer.val_size", t.val_size, 0)  # its bound, the train split's size, is checked in preflight
     if t.bias_correction and not t.val_size:
         raise KdrunError("transfer.bias_correction=true needs transfer.val_size > 0: the shift is tuned on a "
                          "validation split carved from the training data, never on the test set")

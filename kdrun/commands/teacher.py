@@ -13,7 +13,7 @@ from kdrun.commands.common import RECIPE_OVERRIDES, check_model_payload, load_mo
 from kdrun.ensemble import Ensemble, combine_logits
 from kdrun.errors import KdrunError
 from kdrun.io import content_key, sha256_file
-from kdrun.validate import _int, model_spec
+from kdrun.validate import integer, model_spec
 
 
 def _train_command(cfg, overrides, seed=True):
@@ -122,7 +122,7 @@ def members(cfg, overrides=()):
             raise KdrunError(f"{where}: {explain(e, 'train')}") from None
         if "members" in composed.teacher:
             raise KdrunError(f"{where}: a member cannot itself be an ensemble")
-        _int(f"{where}: seed", composed.seed, 0)
+        integer(f"{where}: seed", composed.seed, 0)
         member_cfg = cfg.copy()
         OmegaConf.set_struct(member_cfg, False)
         member_cfg.teacher = composed.teacher
@@ -168,7 +168,7 @@ def ensemble_record(cfg, model, group, keys, shas, data):
         "members_test_errors_mean": sum(member_errors) / len(member_errors),
     }
     path = store.write_record(cfg.workdir, key, {"combine": cfg.teacher.combine, "members": keys}, results)
-    return {**results, "run_dir": str(path.parent)}, path
+    return {**results, "run_dir": str(path.parent)}
 
 
 def _load_ensemble(cfg, data):
@@ -181,7 +181,7 @@ def _load_ensemble(cfg, data):
         keys.append(m.key)
         shas.append(sha)
     model = Ensemble(models, cfg.teacher.combine).eval()
-    record, record_path = ensemble_record(cfg, model, group, keys, shas, data)
+    record = ensemble_record(cfg, model, group, keys, shas, data)
     # the record travels with every run that uses it: a later evaluation on another test set rewrites the
     # store's copy, not what this run was compared with
     info = {"teacher": record["teacher"], "teacher_key": record["teacher_key"], "teacher_sha256": content_key(shas),
