@@ -248,3 +248,30 @@ def test_a_non_finite_logged_term_stops_the_run_at_the_epoch_end():
         fit(model, objective, tiny_data(), tiny_data(), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
             epochs=1, batch_size=16, jitter=0, generator=torch.Generator().manual_seed(0), recorder=NullRecorder(),
             progress=False)
+
+
+def test_train_or_reuse_trains_a_model_once_when_jobs_ask_together(tmp_path):
+    import threading
+    import time
+
+    calls = []
+
+    def train():
+        calls.append(1)
+        time.sleep(0.3)  # long enough for the other job to arrive while this one trains
+        model = tmp_path / f"run{len(calls)}" / "model.pt"
+        model.parent.mkdir()
+        model.write_bytes(b"weights")
+        return {"model": str(model), "run_dir": str(model.parent), "test_errors": 1}
+
+    got = []
+    jobs = [threading.Thread(target=lambda: got.append(store.train_or_reuse(tmp_path / "w", "k1", {"x": 1}, train)))
+            for _ in range(2)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join()
+    assert len(calls) == 1
+    assert sorted(results is None for _, results in got) == [False, True]  # one trained, one reused
+    assert got[0][0] == got[1][0] == tmp_path / "w" / "teachers" / "k1" / "model.pt"
+    assert store.train_or_reuse(tmp_path / "w", "k1", {"x": 1}, train, retrain=True)[1] is not None and len(calls) == 2
