@@ -230,11 +230,12 @@ def plot(rows, path):
         bars = ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
                            capsize=3, label=f"{student} {name}")
         colours.setdefault(student, bars.lines[0].get_color())
+    teacher_styles = iter(["--", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (8, 2))] * len(rows))  # several teachers: an ensemble and its members
     for r in rows:
         if r["role"] != "distilled":
             name = f"{r['teacher']} (teacher)" if r["role"] == "teacher" else f"{r['student']} {r['name']}"
             teacher = r["role"] == "teacher"
-            ax.axhline(r["errors_mean"], linestyle="--" if teacher else ":",
+            ax.axhline(r["errors_mean"], linestyle=next(teacher_styles) if teacher else ":",
                        color="black" if teacher else colours.get(r["student"], "gray"), label=name)
     temperatures = sorted({r["T"] for r in rows if r["role"] == "distilled"})
     ax.set_xscale("log")
