@@ -175,7 +175,8 @@ def test_a_diverging_run_fails_with_one_line_and_a_failed_status(kdrun, workdir)
     run = next((workdir / "runs" / "train").iterdir())
     res = json.loads((run / "results.json").read_text())
     assert res["status"] == "failed" and res["error"] == lines[-1].removeprefix("kdrun: error: ")
-    assert not (workdir / "teachers").exists()  # nothing half-trained reaches the store
+    # nothing half-trained reaches the store: only the lock that training held is there
+    assert [p.suffix for p in (workdir / "teachers").iterdir()] == [".lock"]
 
 
 def test_shell_completion_knows_commands_and_group_options(env, tmp_path):
