@@ -2,6 +2,7 @@
 
 import csv
 import io
+import itertools
 import statistics
 from pathlib import Path
 
@@ -230,7 +231,7 @@ def plot(rows, path):
         bars = ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
                            capsize=3, label=f"{student} {name}")
         colours.setdefault(student, bars.lines[0].get_color())
-    teacher_styles = iter(["--", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (8, 2))] * len(rows))  # several teachers: an ensemble and its members
+    teacher_styles = itertools.cycle(["--", "-.", (0, (5, 1, 1, 1, 1, 1))])  # an ensemble and its members: several teachers
     for r in rows:
         if r["role"] != "distilled":
             name = f"{r['teacher']} (teacher)" if r["role"] == "teacher" else f"{r['student']} {r['name']}"
