@@ -83,11 +83,11 @@ def test_cluster_classes_min_size_controls_singletons():
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_cluster_classes_is_kmeans_on_covariance_columns(seed):
+def test_cluster_classes_is_kmeans_on_correlation_columns(seed):
     from sklearn.cluster import KMeans
 
     probs = random_probs(40, 8, seed=seed)
-    points = np.cov(probs.numpy(), rowvar=False)
+    points = np.corrcoef(probs.numpy(), rowvar=False)
     assignment = KMeans(n_clusters=3, n_init=10, random_state=seed).fit_predict(points)
     expected = sorted(([c for c in range(8) if assignment[c] == a] for a in set(assignment)), key=lambda c: c[0])
     assert cluster_classes(probs, k=3, min_size=1, seed=seed) == expected
@@ -377,3 +377,21 @@ def test_combine_rejects_mismatched_inputs():
         combine(p_g, [sp[0], sp[2], sp[2]], specialties, active)
     with pytest.raises(ValueError, match="specialty 0 is for 5 classes, the generalist has 7"):
         combine(p_g, [sp[0][:, :3]], [Specialty((0, 1), 5)], active[:, :1])
+
+
+def test_unsure_classes_that_are_not_confused_stay_apart():
+    """Classes 0-3 are predicted less surely than 4-7, but only 0 and 1 are confused with each other
+    (2 and 3 spread their doubt over every class). Raw covariance columns differ mostly by that
+    sureness and lump 0-3 together; the correlation columns give the confused pair a cluster of its own."""
+    g = torch.Generator().manual_seed(0)
+    n = 8000
+    labels = torch.arange(n) % 8
+    sure = torch.where(labels < 4, 0.55, 0.99) + 0.02 * torch.rand(n, generator=g)
+    sure = sure.clamp(max=0.999)
+    probs = torch.zeros(n, 8)
+    probs[torch.arange(n), labels] = sure
+    pair = labels < 2
+    probs[torch.arange(n)[pair], 1 - labels[pair]] = 1 - sure[pair]
+    doubt = (1 - sure[~pair])[:, None] / 7 * (1 - torch.nn.functional.one_hot(labels[~pair], 8).float())
+    probs[~pair] += doubt
+    assert [0, 1] in cluster_classes(probs, k=5, min_size=2)
