@@ -22,6 +22,8 @@ COMMANDS = {  # command word -> (primary config, module)
     "pipeline": ("pipeline", "kdrun.commands.pipeline"),
     "evaluate": ("evaluate", "kdrun.commands.evaluate"),
     "specialists": ("specialists", "kdrun.commands.specialists"),
+    "self-distill": ("self_distill", "kdrun.commands.self_distill"),
+    "mutual": ("mutual", "kdrun.commands.mutual"),
 }
 PLAIN_COMMANDS = {"report": "summarise results.json files (sweeps, runs, a workdir) into report.md/.csv/.png"}
 # schedule group -> the top-level value it schedules (T and alpha are what users type)

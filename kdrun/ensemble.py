@@ -25,8 +25,9 @@ def combine_logits(member_logits, combine, T=None):
 
 
 class Ensemble(nn.Module):
-    """Teachers run side by side. `forward` gives the combined logits at T=1 (for evaluation and
-    argmax); `member_logits` gives every member's, [B, M, C], for soft targets at any T."""
+    """Models run side by side (teachers, or students that learn together). `forward` gives the combined
+    logits at T=1 (for evaluation and argmax); `member_logits` gives every member's, [B, M, C], for soft
+    targets at any T."""
 
     def __init__(self, members, combine):
         super().__init__()
@@ -37,5 +38,13 @@ class Ensemble(nn.Module):
     def member_logits(self, x):
         return torch.stack([m(x) for m in self.members], dim=-2)
 
+    def combined(self, member_logits):
+        return combine_logits(member_logits, self.combine, 1.0)
+
     def forward(self, x):
-        return combine_logits(self.member_logits(x), self.combine, 1.0)
+        return self.combined(self.member_logits(x))
+
+    @torch.no_grad()
+    def constrain(self):
+        for m in self.members:
+            m.constrain()

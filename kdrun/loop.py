@@ -22,13 +22,19 @@ def predict(model, data, batch_size=1000, forward=None):
 
 
 def evaluate(model, data, batch_size=1000):
-    logits = predict(model, data, batch_size)
+    """Test errors; for a model of several members (an Ensemble), also each member's."""
+    members = getattr(model, "member_logits", None)
+    logits = predict(model, data, batch_size, forward=members)
+    out = {}
+    if members is not None:
+        out["member_test_errors"] = (logits.argmax(-1) != data.labels[:, None]).sum(0).tolist()
+        logits = model.combined(logits)
     errors = int((logits.argmax(1) != data.labels).sum())
     n = len(data)
-    return {"test_errors": errors, "n_test": n, "test_accuracy": 1 - errors / n}
+    return {"test_errors": errors, "n_test": n, "test_accuracy": 1 - errors / n, **out}
 
 
-def fit(model, objective, train, test, optimizer, scheduler, *, epochs, batch_size, jitter, generator,
+def fit(model, objective, train, test, optimizer, scheduler, *, epochs, batch_size, jitter, generator, flip=False,
         recorder, progress="auto"):
     """Train for `epochs`; after each epoch evaluate on `test` and hand a metrics row to `recorder`."""
     steps_per_epoch = train.n_batches(batch_size)
@@ -44,7 +50,7 @@ def fit(model, objective, train, test, optimizer, scheduler, *, epochs, batch_si
             started = time.perf_counter()
             sums = defaultdict(float)  # per-example sums, kept on the device until the epoch ends
             correct = torch.zeros((), dtype=torch.long, device=train.device)
-            batches = train.batches(batch_size, shuffle=True, generator=generator, jitter=jitter)
+            batches = train.batches(batch_size, shuffle=True, generator=generator, jitter=jitter, flip=flip)
             for batch in tqdm(batches, total=steps_per_epoch, leave=False, unit="batch", disable=not show_bars):
                 logits, loss, logs = objective(model, batch, step / total_steps)
                 if not torch.isfinite(loss):

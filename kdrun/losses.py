@@ -5,6 +5,7 @@ Convention: alpha weights the soft term,
 KL summed over classes and averaged over the batch ("batchmean").
 """
 
+import torch
 import torch.nn.functional as F
 
 
@@ -44,3 +45,29 @@ def logit_matching(student_logits, teacher_logits):
     z = student_logits - student_logits.mean(dim=-1, keepdim=True)
     v = teacher_logits - teacher_logits.mean(dim=-1, keepdim=True)
     return 0.5 * (z - v).pow(2).sum(dim=-1).mean() / z.shape[-1]
+
+
+def mutual_kl(logits_a, logits_b, T):
+    """KL(p_a || p_b) + KL(p_b || p_a) at T, batchmean, each direction teaching the other view: the
+    target side is detached, as in deep mutual learning, so view a learns from b and b from a."""
+    return kd_kl(logits_b, logits_a.detach(), T) + kd_kl(logits_a, logits_b.detach(), T)
+
+
+def mmd(features_a, features_b, kernel="linear", bandwidth=None):
+    """Squared maximum mean discrepancy between two batches of features (biased estimate: zero when the
+    batches are identical). linear: |mean f_a - mean f_b|^2. gaussian: E k(a, a') + E k(b, b') - 2 E k(a, b),
+    k = exp(-|x - y|^2 / (2 bandwidth^2)); bandwidth None: the median pairwise distance of both batches."""
+    if kernel == "linear":
+        return (features_a.mean(0) - features_b.mean(0)).pow(2).sum()
+    if kernel != "gaussian":
+        raise ValueError(f"mmd kernel must be linear or gaussian, got {kernel!r}")
+    joint = torch.cat([features_a, features_b])
+    d2 = torch.cdist(joint, joint).pow(2)
+    if bandwidth is None:
+        off_diagonal = d2[~torch.eye(len(joint), dtype=torch.bool, device=d2.device)]
+        sigma2 = off_diagonal.detach().median().clamp_min(1e-12)  # the median distance, squared
+    else:
+        sigma2 = torch.tensor(float(bandwidth) ** 2, device=d2.device)
+    k = torch.exp(-d2 / (2 * sigma2))
+    n = len(features_a)
+    return k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean()

@@ -12,7 +12,7 @@ from kdrun.io import atomic_write, read_json
 # what tells two runs' setups apart; the seed is what the mean and std are taken over
 GROUP_KEYS = ("label", "role", "dataset", "teacher", "student", "loss", "T", "alpha", "temperature_schedule",
               "alpha_schedule", "epochs", "lr", "batch_size", "n_train", "n_test", "transfer_set", "labels", "augment",
-              "jitter")
+              "jitter", "views", "lam", "mu", "mmd_kernel", "weight", "n_students")
 # (header, key, shown): "always", or "any" (when some row has a value) / "varies" (when rows differ)
 COLUMNS = [("model", "name", "always"), ("teacher", "teacher", "always"), ("student", "student", "always"),
            ("loss", "loss", "varies"), ("transfer", "transfer", "any"), ("epochs", "epochs", "varies"),
@@ -20,10 +20,15 @@ COLUMNS = [("model", "name", "always"), ("teacher", "teacher", "always"), ("stud
            ("after bias correction", "corrected", "any"), ("bias shift", "shift", "any"),
            ("errors on unseen classes, before -> after", "unseen", "any"),
            ("train acc", "train_accuracy", "always"), ("test acc", "accuracy", "always"), ("n", "n", "always"),
-           ("gap recovered", "gap_recovered", "always"), ("ensemble gain kept", "gain_kept", "any")]
+           ("gap recovered", "gap_recovered", "always"), ("ensemble gain kept", "gain_kept", "any"),
+           ("vs alone", "vs_alone", "any"), ("params", "n_params", "varies")]
+ROLE_ORDER = ["teacher", "student alone", "distilled", "self-distilled", "mutual student", "mutual ensemble", "ensemble"]
+COMMANDS = ("train", "distill", "self-distill", "mutual", "ensemble")
 
 
-def _cell(v):
+def _cell(v, key=None):
+    if key in ("T", "alpha") and isinstance(v, float):
+        return f"{v:g}"
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) <= 1 else f"{v:g}"
     return "-" if v is None else str(v)
@@ -31,7 +36,7 @@ def _cell(v):
 
 def markdown_table(rows, columns):
     """rows: dicts; columns: (header, key) pairs. Returns a Markdown table as a string."""
-    cells = [[_cell(r.get(key)) for _, key in columns] for r in rows]
+    cells = [[_cell(r.get(key), key) for _, key in columns] for r in rows]
     widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (h, _) in enumerate(columns)]
 
     def line(values):
@@ -42,20 +47,22 @@ def markdown_table(rows, columns):
 
 
 def role(result):
+    if result.get("role") in ROLE_ORDER:  # the commands past train and distill say what their rows are
+        return result["role"]
     if result.get("command") == "train":
         return "teacher"
     return "student alone" if result.get("teacher_key") is None else "distilled"
 
 
 def collect(paths):
-    """Every train/distill results.json under `paths` (files or folders), plus the stored results of
+    """Every model's results.json under `paths` (files or folders), plus the stored results of
     each teacher a distilled run names, so a sweep dir alone yields its teacher's row. A teacher
     appears once however many runs name or reuse it."""
     runs, teachers = {}, {}
     for path in map(Path, paths):
         for f in [path] if path.is_file() else sorted(path.rglob("results.json")):
             r = read_json(f)
-            if r.get("command") not in ("train", "distill"):
+            if r.get("command") not in COMMANDS:
                 continue
             r = {**r, "role": role(r)}
             if r["role"] == "teacher":
@@ -98,9 +105,11 @@ def summarise(runs):
                    seeds=sorted(m.get("seed") for m in members), teacher_key=members[0].get("teacher_key"))
         row["errors"] = f"{row['errors_mean']:.1f} ± {row['errors_std']:.1f}"
         row["name"] = row["label"] or row["role"]
+        if row["role"] == "mutual ensemble" and row["label"]:
+            row["name"] += " ensemble"
         jitter = f"{row['jitter']}px jitter" if row["jitter"] and not row["augment"] else None
         unlabeled = "unlabeled" if row["labels"] is False else None
-        row["transfer"] = "; ".join(filter(None, [row["transfer_set"], unlabeled, row["augment"] or jitter])) or None
+        row["transfer"] = "; ".join(filter(None, [row["transfer_set"], unlabeled, row["augment"] or jitter, row["views"]])) or None
         corrected = _mean(members, lambda m: (m.get("bias_correction") or {}).get("test_errors_after"))
         if corrected is not None:
             row["corrected_mean"] = corrected
@@ -118,8 +127,10 @@ def summarise(runs):
         if row["role"] == "distilled":
             row["gap_recovered"] = _gap(row, rows)
             row["gain_kept"] = _gain_kept(row, rows)
-    order = {"teacher": 0, "student alone": 1, "distilled": 2}
-    rows.sort(key=lambda r: (order[r["role"]], str(r["student"]), str(r["label"]), r["T"] or 0, r["alpha"] or 0))
+        if row["role"] not in ("teacher", "student alone"):
+            row["vs_alone"] = _vs_alone(row, rows)
+    rows.sort(key=lambda r: (ROLE_ORDER.index(r["role"]), str(r["student"]), str(r["label"]), r["T"] or 0,
+                             r["alpha"] or 0))
     failed = [r for r in runs if r.get("status") not in ("completed", "reused")]
     return rows, failed
 
@@ -137,6 +148,16 @@ def _gap(row, rows):
         return None
     gap = alone[0]["errors_mean"] - teacher[0]["errors_mean"]
     return (alone[0]["errors_mean"] - row["errors_mean"]) / gap if gap > 0 else None
+
+
+def _vs_alone(row, rows):
+    """Mean test errors minus those of the same student alone (same data, epochs and batch size), when
+    exactly one such run is there; negative is better."""
+    alone = [r for r in rows if r["role"] == "student alone" and all(
+        r[k] == row[k] for k in ("student", "dataset", "n_train", "n_test", "transfer_set", "epochs", "batch_size"))]
+    if len(alone) > 1:
+        alone = [r for r in alone if r["jitter"] == row["jitter"]]
+    return f"{row['errors_mean'] - alone[0]['errors_mean']:+.1f}" if len(alone) == 1 else None
 
 
 def _gain_kept(row, rows):
@@ -194,6 +215,9 @@ def render(rows, failed, title, notes=""):
     text += "\nTest errors are the last epoch's, mean ± std over seeds (n runs); gap recovered = " \
             "(errors alone - errors distilled) / (errors alone - errors teacher), against the plain student " \
             "alone (no jitter) on the same transfer set, of the same epochs where there are several.\n"
+    if any(r.get("vs_alone") is not None for r in rows):
+        text += "vs alone = mean test errors minus those of the same network trained alone on the same data (negative: " \
+                "fewer errors).\n"
     if any(r.get("gain_kept") is not None for r in rows):
         text += "Ensemble gain kept = (members' mean errors - errors distilled) / (members' mean errors - " \
                 "ensemble errors): the paper's measure for Table 1 (it reports more than 80%).\n"
@@ -208,7 +232,7 @@ def render(rows, failed, title, notes=""):
 def to_csv(rows):
     buf = io.StringIO()
     fields = [*GROUP_KEYS, "errors_mean", "errors_std", "accuracy", "train_accuracy", "n", "seeds", "gap_recovered",
-              "gain_kept", "members_errors_mean", "corrected_mean", "shift"]
+              "gain_kept", "vs_alone", "n_params", "members_errors_mean", "corrected_mean", "shift"]
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)

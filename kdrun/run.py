@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 
 from kdrun import __version__
-from kdrun.io import save_torch, write_json
+from kdrun.io import save_torch
 
 log = logging.getLogger("kdrun")
+NOT_TERMS = {"lr", "T", "alpha", "train_accuracy", "test_accuracy", "seconds"}  # metrics rows' other floats
 
 
 def save_model(path, model, arch, dataset, extra):
@@ -42,15 +43,7 @@ class Recorder:
             "rng": {"torch": torch.get_rng_state(), "data": generator.get_state()},
             "kdrun_version": __version__,
         })
-        terms = " ".join(f"{k}={row[k]:.4f}" for k in ("loss", "ce", "kd_scaled", "kd_unscaled", "logit_mse") if k in row)
+        terms = " ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in NOT_TERMS and isinstance(v, float))
         train_acc = "-" if row["train_accuracy"] is None else f"{row['train_accuracy']:.4f}"
         log.info("%s epoch %d: %s train_acc=%s test_errors=%d/%d lr=%.3g (%.1fs)", self.name, row["epoch"],
                  terms, train_acc, row["test_errors"], row["n_test"], row["lr"], row["seconds"])
-
-    def save_model(self, model, arch, dataset, extra):
-        path = self.dir / "model.pt"
-        save_model(path, model, arch, dataset, extra)
-        return path
-
-    def results(self, results):
-        write_json(self.dir / "results.json", results)

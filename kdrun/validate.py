@@ -24,6 +24,11 @@ def integer(name, value, minimum, allow_none=False):
         raise KdrunError(f"{name} must be an integer >= {minimum}{tail}, got {value!r}")
 
 
+def boolean(name, value):
+    if not isinstance(value, bool):
+        raise KdrunError(f"{name} must be true or false, got {value!r}")
+
+
 def _int_list(name, value):
     shown = list(value) if OmegaConf.is_list(value) else value
     if not isinstance(shown, list) or not shown or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
@@ -49,17 +54,23 @@ def model_spec(role, spec):
     for key in ("dropout_input", "dropout_hidden", "dropout"):
         if key in m:
             _in_range(f"{role}.model.{key}", m[key], 0, 1, hi_open=True)
-    for key in ("hidden", "channels"):
+    for key in ("hidden", "channels", "widths"):
         if key in m:
             _int_list(f"{role}.model.{key}", m[key])
-    if "fc" in m:
-        integer(f"{role}.model.fc", m.fc, 1)
+    if "fc" in m:  # one hidden layer (SmallCNN) or several (LeNet5)
+        if OmegaConf.is_list(m.fc):
+            _int_list(f"{role}.model.fc", m.fc)
+        else:
+            integer(f"{role}.model.fc", m.fc, 1)
+    if "depth" in m:
+        integer(f"{role}.model.depth", m.depth, 8)
     if m.get("max_norm") is not None:
         _positive(f"{role}.model.max_norm", m.max_norm)
     r = spec.recipe
     integer(f"{role}.recipe.epochs", r.epochs, 1)
     integer(f"{role}.recipe.batch_size", r.batch_size, 1)
     integer(f"{role}.recipe.jitter", r.jitter, 0)
+    boolean(f"{role}.recipe.flip", r.get("flip", False))
     _positive(f"{role}.recipe.optimizer.lr", r.optimizer.lr)
 
 
@@ -82,6 +93,10 @@ def validate(cfg):
     integer("dataset.limit", ds.limit, 1, allow_none=True)
     integer("dataset.test_limit", ds.test_limit, 1, allow_none=True)
     integer("dataset.subset_seed", ds.subset_seed, 0)
+    for key in ("mean", "std"):
+        values = ds[key] if OmegaConf.is_list(ds[key]) else [ds[key]]
+        if len(values) not in (1, ds.shape[0]):
+            raise KdrunError(f"dataset.{key} must be one number or one per channel ({ds.shape[0]}), got {list(values)}")
     if ds.limit is not None and ds.limit < ds.num_classes:
         raise KdrunError(f"dataset.limit must be at least the number of classes ({ds.num_classes}), got {ds.limit}")
     if "members" in cfg.teacher:

@@ -77,3 +77,38 @@ def kdrun(env, tmp_path):
 @pytest.fixture
 def workdir(env):
     return Path(env["KDRUN_WORKDIR"])
+
+
+CIFAR_CLASSES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+
+
+def write_cifar_like(batches_dir, n_per_batch=20, seed=0):
+    """torchvision's cifar-10-batches-py: data_batch_1..5, test_batch and batches.meta, each a protocol-2
+    pickle of a dict with bytes keys, `data` a uint8 [n, 3072] array of random pixels (channel-major 3x32x32).
+    Returns {file name: (data, labels)}."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    batches_dir = Path(batches_dir)
+    batches_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, n_per_batch)]
+        batch = {b"batch_label": name.encode(), b"labels": labels, b"data": data,
+                 b"filenames": [f"img_{i}.png".encode() for i in range(n_per_batch)]}
+        (batches_dir / name).write_bytes(pickle.dumps(batch, protocol=2))
+        written[name] = (data, labels)
+    meta = {b"num_cases_per_batch": n_per_batch, b"label_names": CIFAR_CLASSES, b"num_vis": 3072}
+    (batches_dir / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return written
+
+
+@pytest.fixture
+def cifar_dir(tmp_path):
+    """A data_dir holding a tiny CIFAR-10 (20 random images per batch file) in torchvision's layout."""
+    root = tmp_path / "cifar_data"
+    write_cifar_like(root / "cifar-10-batches-py")
+    return root

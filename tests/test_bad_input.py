@@ -75,10 +75,11 @@ CASES = [
     ("temperature-number", ["distill", *QUICK, "temperature=7"],
      "kdrun: error: temperature picks a schedule (anneal, constant); to set the value use T=7"),
     ("unknown-command", ["frobnicate"],
-     "kdrun: error: unknown command 'frobnicate'; choose from: train, soft-targets, distill, pipeline, evaluate, specialists, report"),
+     "kdrun: error: unknown command 'frobnicate'; choose from: train, soft-targets, distill, pipeline, evaluate, specialists, "
+     "self-distill, mutual, report"),
     ("misspelt-command", ["distil"],
      "kdrun: error: unknown command 'distil' (did you mean distill?); choose from: train, soft-targets, distill, pipeline, evaluate, "
-     "specialists, report"),
+     "specialists, self-distill, mutual, report"),
     ("report-without-paths", ["report"], "kdrun: error: the following arguments are required: paths"),
     ("report-missing-path", ["report", "{root}/nope"], "kdrun: error: no such file or folder: {root}/nope"),
     ("unknown-teacher", ["train", "teacher=resnet", *QUICK],
@@ -172,8 +173,8 @@ CASES = [
      "kdrun: error: transfer.bias_correction=true needs transfer.exclude_classes or transfer.only_classes (the "
      "classes whose bias is shifted)"),
     ("augment-without-jitter", ["distill", *T30, *QUICK, "transfer.augment=true"],
-     "kdrun: error: transfer.augment=true needs student.recipe.jitter > 0: the teacher sees the student's jittered "
-     "view, and without jitter that is the cached view"),
+     "kdrun: error: transfer.augment=true needs student.recipe.jitter > 0 (or flip): the teacher sees the student's "
+     "jittered view, and without jitter that is the cached view"),
     ("augment-without-teacher", ["distill", *QUICK, "alpha=0", "transfer.augment=true", "student.recipe.jitter=1"],
      "kdrun: error: transfer.augment=true needs a teacher (alpha > 0)"),
     ("pipeline-run-bad-key", ["pipeline", *T30, *QUICK, "+pipeline.runs.extra=['foo=1']"],
@@ -247,8 +248,9 @@ CASES = [
     ("specialists-ensemble", ["specialists", *QUICK, "teacher=ensemble"],
      "kdrun: error: kdrun specialists trains its own generalist: teacher= must name one model, not an ensemble"),
     ("unknown-experiment", ["pipeline", "experiment=hinton"],
-     "kdrun: error: unknown experiment 'hinton' (did you mean hinton_mnist?); choose from: demo, ensemble_fashion, "
-     "hinton_fashion, hinton_mnist, omit_class, only_classes, regulariser, specialists_fashion, student_size"),
+     "kdrun: error: unknown experiment 'hinton' (did you mean hinton_mnist?); choose from: born_again, demo, ensemble_fashion, "
+     "hinton_fashion, hinton_mnist, omit_class, only_classes, regulariser, self_teaching_fashion, specialists_fashion, "
+     "student_size"),
     ("channels-zero", ["train", *QUICK, "teacher=cnn", "teacher.model.channels=[0]"],
      "kdrun: error: teacher.model.channels must be a non-empty list of integers >= 1, got [0]"),
     ("weight-decay-negative", ["train", *QUICK, "teacher.recipe.optimizer.weight_decay=-1"],
@@ -264,6 +266,36 @@ CASES = [
     ("dataset-absent-offline", ["train", "dataset=mnist", "data_dir={root}/empty_data"],
      "kdrun: error: dataset mnist not found in {root}/empty_data/MNIST/raw, torchvision download (failed or offline); "
      "try dataset=fashion_mnist (Debian's dataset-fashion-mnist package)"),
+    # self-distillation, mutual learning, born-again chains, augmentation
+    ("mutual-one-student", ["mutual", *QUICK, "mutual.students=1"],
+     "kdrun: error: mutual.students must be an integer >= 2, got 1"),
+    ("mutual-negative-weight", ["mutual", *QUICK, "mutual.objective.weight=-1"],
+     "kdrun: error: invalid mutual.objective config: weight must be >= 0, got -1"),
+    ("self-distill-negative-lambda", ["self-distill", *QUICK, "self_distill.lam=-1"],
+     "kdrun: error: invalid self_distill config: lam and mu must be >= 0, got lam=-1, mu=0.0005"),
+    ("self-distill-unknown-kernel", ["self-distill", *QUICK, "self_distill.mmd_kernel=cosine"],
+     "kdrun: error: invalid self_distill config: mmd kernel must be linear or gaussian, got 'cosine'"),
+    ("self-distill-erase-above-1", ["self-distill", *QUICK, "self_distill.distortions.erase=2"],
+     "kdrun: error: invalid self_distill config: erase must be in [0, 1], got 2"),
+    ("flip-not-boolean", ["distill", *T30, *QUICK, "student.recipe.flip=maybe"],
+     "kdrun: error: student.recipe.flip must be true or false, got 'maybe'"),
+    ("flip-with-cached-targets", ["distill", *T30, *QUICK, "student.recipe.flip=true"],
+     "kdrun: error: student.recipe.flip must be false with cached soft targets: they are the teacher's outputs on "
+     "unflipped inputs (transfer.augment=true runs the teacher on the student's view)"),
+    ("pipeline-run-unknown-command", ["pipeline", *T30, *QUICK, "+pipeline.runs.extra=[selfdistill]"],
+     "kdrun: error: pipeline.runs.extra: 'selfdistill' is not a command a run can be (did you mean self-distill?); "
+     "choose from: distill, self-distill, mutual"),
+    ("pipeline-reference-unknown", ["pipeline", *T30, *QUICK, "+pipeline.runs.extra=['teacher_ckpt=@nope']"],
+     "kdrun: error: pipeline.runs.extra: teacher_ckpt=@nope names no earlier run (earlier: student_alone, distilled)"),
+    ("pipeline-reference-unpaired", ["pipeline", *T30, *QUICK, "+pipeline.runs.extra=['teacher_ckpt=@distilled','T=1,2']"],
+     "kdrun: error: pipeline.runs.extra: teacher_ckpt=@distilled: that run has 1 jobs and this one 2; they pair up one to one"),
+    ("pipeline-ensemble-of-one", ["pipeline", *T30, *QUICK, "+pipeline.ensembles.e=[distilled]"],
+     "kdrun: error: pipeline.ensembles.e must list 2 or more runs of pipeline.runs (student_alone, distilled), got ['distilled']"),
+    ("dataset-mean-per-channel-mismatch", ["train", *QUICK, "dataset.mean=[0.1,0.2,0.3]"],
+     "kdrun: error: dataset.mean must be one number or one per channel (1), got [0.1, 0.2, 0.3]"),
+    ("cifar-absent-offline", ["train", "dataset=cifar10", "teacher=resnet20", "data_dir={root}/empty_data"],
+     "kdrun: error: dataset cifar10 not found in {root}/empty_data/cifar-10-batches-py, torchvision download (failed or "
+     "offline); try dataset=fashion_mnist (Debian's dataset-fashion-mnist package)"),
     ("idx-truncated", ["train", *QUICK, "data_dir={root}/bad_data"],
      "kdrun: error: corrupt IDX file {bad_labels}: expected 60008 bytes for shape [60000], found 59908"),
 ]

@@ -159,3 +159,21 @@ def test_every_paper_preset_composes_its_runs_and_states_how_it_differs():
         omit = compose_run("omit_3", student_runs(compose(config_name="pipeline", overrides=["experiment=omit_class"]),
                                                   ["experiment=omit_class"])[1][1][0])
         assert (list(omit.transfer.exclude_classes), omit.transfer.val_size, omit.transfer.bias_correction) == ([3], 5000, True)
+
+
+def test_self_teaching_fashion_compares_every_family_against_the_network_alone(kdrun, workdir):
+    kdrun("pipeline", "experiment=self_teaching_fashion", "student=lenet5", *TINY, "pipeline.seeds=[0]")
+    run = pipeline_dir(workdir)
+    rows = {r["label"] + ("" if r["role"] != "mutual ensemble" else " ensemble"): r
+            for r in csv.DictReader(open(run / "report.csv"))}
+    assert set(rows) == {"generation_0", "generation_1", "generation_2", "self_distilled", "mutual", "mutual ensemble",
+                         "generations_ensemble"}
+    alone = results(run / "generation_0")
+    for name, row in rows.items():
+        assert row["dataset"] == "fashion_mnist" and row["student"] == "lenet5" and row["n_train"] == "1000", name
+        if name != "generation_0":  # each measured against the same network alone
+            assert float(row["vs_alone"]) == float(row["errors_mean"]) - alone["test_errors"], name
+    sd = results(run / "self_distilled")
+    assert sd["distortions"]["shift"] == 1 and sd["jitter"] == 0 and rows["self_distilled"]["views"] == "2 views: 1px shift"
+    assert float(rows["mutual"]["n"]) == 2  # both students of the one seed
+    assert "| mutual ensemble " in (run / "report.md").read_text()

@@ -189,7 +189,8 @@ def test_shell_completion_knows_commands_and_group_options(env, tmp_path):
 
     assert query("kdrun di") == ["distill"]
     assert query("kdrun distill teacher=") == [f"teacher={t}" for t in (
-        "cnn", "ensemble", "mlp1200", "mlp1200_adamw", "mlp30", "mlp300", "mlp800")]
+        "cnn", "ensemble", "lenet5", "mlp1200", "mlp1200_adamw", "mlp30", "mlp300", "mlp800", "resnet20")]
+    assert query("kdrun self") == ["self-distill"]
 
 
 def test_demo_preset_is_a_cnn_teacher_for_mlp800_on_fashion_mnist():

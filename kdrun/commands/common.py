@@ -12,9 +12,9 @@ from omegaconf import OmegaConf
 from kdrun.data.batches import DeviceData
 from kdrun.data.sources import check_split_files, load_split, locate, split_fingerprint, stratified_subset
 from kdrun.errors import KdrunError, first_line
-from kdrun.io import atomic_write, load_torch_and_hash
+from kdrun.io import atomic_write, load_torch_and_hash, write_json
 from kdrun.loop import fit
-from kdrun.run import Recorder
+from kdrun.run import Recorder, save_model
 
 RECIPE_OVERRIDES = {"epochs": "epochs", "batch_size": "batch_size", "lr": "optimizer.lr"}  # top-level -> recipe
 
@@ -57,8 +57,8 @@ class Data:
 
 
 @functools.lru_cache(maxsize=4)
-def _read(raw_dir, split):
-    return load_split(raw_dir, split)
+def _read(raw_dir, split, fmt):
+    return load_split(raw_dir, split, fmt)
 
 
 def load_data(cfg, device):
@@ -67,7 +67,7 @@ def load_data(cfg, device):
     transfer = transfer_identity(ds, raw)
     splits = {}
     for split, limit in (("train", ds.limit), ("test", ds.test_limit)):
-        s = _read(str(raw), split)
+        s = _read(str(raw), split, ds.get("format", "idx"))
         if list(s.images.shape[1:]) != list(ds.shape):
             raise KdrunError(f"{ds.name} {split} images have shape {list(s.images.shape[1:])}, expected {list(ds.shape)}")
         if int(s.labels.max()) >= ds.num_classes:
@@ -101,18 +101,20 @@ def check_buildable(cfg, roles):
 
 def check_inputs(cfg):
     """What every command checks before a run starts: the device exists, and the dataset is there
-    with sound IDX headers (the images are not read). Returns the identity of the transfer set."""
+    with sound files (IDX: the headers only; CIFAR-10: read once per process). Returns the identity of the
+    transfer set."""
     resolve_device(cfg.device)
     raw = locate(cfg.dataset, cfg.data_dir)
-    check_split_files(raw, "test")
+    check_split_files(raw, "test", cfg.dataset.get("format", "idx"))
     return transfer_identity(cfg.dataset, raw)
 
 
 def transfer_identity(ds, raw_dir):
     """What the teacher's soft targets are computed over: the train split (which copy of it, by the
     files' hashes), the subset, and the un-jittered transform."""
-    n_train = check_split_files(raw_dir, "train")
-    return {"dataset": ds.name, "split": "train", "files": split_fingerprint(raw_dir, "train"), "limit": ds.limit,
+    fmt = ds.get("format", "idx")
+    n_train = check_split_files(raw_dir, "train", fmt)
+    return {"dataset": ds.name, "split": "train", "files": split_fingerprint(raw_dir, "train", fmt), "limit": ds.limit,
             "subset_seed": ds.subset_seed, "n": min(n_train, ds.limit or n_train),
             "transform": f"normalize(mean={ds.mean}, std={ds.std}), no jitter"}
 
@@ -151,39 +153,53 @@ def _describe(arch):
     return "(" + ", ".join(f"{k}={v}" for k, v in arch.items() if k != "_target_") + ")"
 
 
-def train_model(cfg, run_dir, role, objective, data, train_set, device, extra_results, init=None, saved_as=None):
-    """Build the `role` model (teacher or student), start it from `init(model)` if given, train it on
-    `train_set` with `objective`, save its artifacts (model.pt records `saved_as`, default the role).
-    Returns (results, trained model)."""
-    spec = cfg[role]
-    recipe = spec.recipe
-    torch.manual_seed(cfg.seed)
-    model = build_model(spec.model, data.shape, data.num_classes)
-    if init is not None:
-        init(model)
-    model = model.to(device)
+def fit_role(cfg, run_dir, role, model, objective, data, train_set):
+    """Train `model` (on its device) on `train_set` with `objective` and the `role` recipe, recording
+    each epoch in run_dir. Returns (the last epoch's metrics row, seconds)."""
+    recipe = cfg[role].recipe
     optimizer = instantiate(recipe.optimizer)(model.parameters())  # configs are partials
     steps = recipe.epochs * train_set.n_batches(recipe.batch_size)
     scheduler = instantiate(recipe.scheduler)(optimizer, total_steps=steps)
     generator = torch.Generator().manual_seed(cfg.seed)
-    recorder = Recorder(run_dir, f"{cfg.command}:{spec.name}")
+    recorder = Recorder(run_dir, f"{cfg.command}:{cfg[role].name}")
     started = time.perf_counter()
     last = fit(model, objective, train_set, data.test, optimizer, scheduler, epochs=recipe.epochs,
-               batch_size=recipe.batch_size, jitter=recipe.jitter, generator=generator, recorder=recorder,
-               progress=cfg.progress)
+               batch_size=recipe.batch_size, jitter=recipe.jitter, flip=recipe.get("flip", False), generator=generator,
+               recorder=recorder, progress=cfg.progress)
+    return last, time.perf_counter() - started
+
+
+def train_model(cfg, run_dir, role, objective, data, train_set, device, extra_results, init=None, saved_as=None):
+    """Build the `role` model (teacher or student), start it from `init(model)` if given, train it on
+    `train_set` with `objective`, save its artifacts (model.pt records `saved_as`, default the role).
+    Returns (results, trained model)."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg[role].model, data.shape, data.num_classes)
+    if init is not None:
+        init(model)
+    model = model.to(device)
+    last, seconds = fit_role(cfg, run_dir, role, model, objective, data, train_set)
+    return save_trained(cfg, run_dir, role, model, last, seconds, train_set, extra_results, saved_as), model
+
+
+def save_trained(cfg, run_dir, role, model, last, seconds, train_set, extra_results, saved_as=None):
+    """model.pt and results.json of a model trained with the `role` recipe; returns the results."""
+    spec = cfg[role]
+    recipe = spec.recipe
     arch = OmegaConf.to_container(spec.model, resolve=True)
-    model_path = recorder.save_model(model, arch, cfg.dataset.name, {"name": spec.name, "role": role, **(saved_as or {})})
+    model_path = Path(run_dir) / "model.pt"
+    save_model(model_path, model, arch, cfg.dataset.name, {"name": spec.name, "role": role, **(saved_as or {})})
     results = {
         "command": cfg.command, "status": "completed", "dataset": cfg.dataset.name,
         "seed": cfg.seed, "epochs": recipe.epochs, "lr": recipe.optimizer.lr, "batch_size": recipe.batch_size,
         "n_train": len(train_set), "n_params": n_params(model),
-        "wall_s": round(time.perf_counter() - started, 3), "run_dir": str(run_dir), "model": str(model_path),
+        "wall_s": round(seconds, 3), "run_dir": str(run_dir), "model": str(model_path),
         "train_accuracy": last.get("train_accuracy"),
         **{k: last[k] for k in ("test_accuracy", "test_errors", "n_test")},
         **extra_results,
     }
-    recorder.results(results)
-    return results, model
+    write_json(Path(run_dir) / "results.json", results)
+    return results
 
 
 def save_config(cfg, run_dir):

@@ -49,10 +49,13 @@ def check_student(cfg):
         raise KdrunError("student.recipe.jitter must be 0 with cached soft targets: they are the teacher's "
                          "outputs on unshifted inputs, and a shifted view would be paired with them "
                          "(transfer.augment=true runs the teacher on the shifted view instead)")
+    if cfg.student.recipe.get("flip") and with_teacher and not cfg.transfer.augment:
+        raise KdrunError("student.recipe.flip must be false with cached soft targets: they are the teacher's "
+                         "outputs on unflipped inputs (transfer.augment=true runs the teacher on the student's view)")
     if cfg.transfer.augment and not with_teacher:
         raise KdrunError("transfer.augment=true needs a teacher (alpha > 0)")
-    if cfg.transfer.augment and not cfg.student.recipe.jitter:
-        raise KdrunError("transfer.augment=true needs student.recipe.jitter > 0: the teacher sees the "
+    if cfg.transfer.augment and not (cfg.student.recipe.jitter or cfg.student.recipe.get("flip")):
+        raise KdrunError("transfer.augment=true needs student.recipe.jitter > 0 (or flip): the teacher sees the "
                          "student's jittered view, and without jitter that is the cached view")
     alpha = instantiate(cfg.alpha_schedule)
     if not cfg.transfer.labels and (not with_teacher or alpha(0.0) != 1 or alpha(1.0) != 1):

@@ -37,9 +37,8 @@ def is_ensemble(cfg):
 
 
 def resolve(cfg, overrides=()):
-    """(checkpoint path, key) of the teacher: `teacher_ckpt` if given (its architecture must be
-    `teacher=`'s), else the store entry trained with the same teacher config, recipe, dataset and
-    `teacher_seed`."""
+    """(checkpoint path, key) of the teacher: `teacher_ckpt` if given, else the store entry trained with
+    the same teacher config, recipe, dataset and `teacher_seed`."""
     if cfg.teacher_ckpt:
         return _checkpoint(cfg.teacher_ckpt)
     key = store.teacher_key(cfg, cfg.teacher_seed)
@@ -202,7 +201,10 @@ def check(cfg, transfer, overrides=()):
         cache_key = ensemble_keys(cfg, [m.key for m in group])[1]
     else:
         path, cache_key = resolve(cfg, overrides)
-        check_model_payload(path, cfg.dataset.name, cfg.teacher.name, _arch(cfg), num_classes=cfg.dataset.num_classes)
+        # a teacher_ckpt records its architecture; it must match teacher= only when one is typed
+        typed = not cfg.teacher_ckpt or any(o.partition("=")[0] == "teacher" for o in overrides)
+        check_model_payload(path, cfg.dataset.name, cfg.teacher.name, _arch(cfg) if typed else None,
+                            num_classes=cfg.dataset.num_classes)
     soft_targets.check_cache(soft_targets.cache_path(cfg.workdir, cache_key, content_key(transfer)))
 
 
@@ -212,9 +214,13 @@ def load(cfg, data):
     if is_ensemble(cfg):
         return _load_ensemble(cfg, data)
     path, key = resolve(cfg)
-    model, sha256 = load_model(path, data, cfg.dataset.name, cfg.teacher.name, _arch(cfg))
-    return model, {"teacher": cfg.teacher.name, "teacher_key": key, "teacher_sha256": sha256,
-                   "teacher_ckpt": str(path)}, None
+    if cfg.teacher_ckpt:  # the architecture its checkpoint records (checked against a typed teacher= before)
+        name = check_model_payload(path, cfg.dataset.name, None, None, num_classes=data.num_classes)[0].get("name")
+        model, sha256 = load_model(path, data, cfg.dataset.name, name, None)
+    else:
+        name = cfg.teacher.name
+        model, sha256 = load_model(path, data, cfg.dataset.name, name, _arch(cfg))
+    return model, {"teacher": name, "teacher_key": key, "teacher_sha256": sha256, "teacher_ckpt": str(path)}, None
 
 
 def cached_logits(cfg, data):

@@ -1,4 +1,4 @@
-"""A whole split held as uint8 on the device; batches are sliced, jittered and normalised there."""
+"""A whole split held as uint8 on the device; batches are sliced, jittered, flipped and normalised there."""
 
 from dataclasses import dataclass
 
@@ -13,12 +13,17 @@ class Batch:
     idx: torch.Tensor  # positions in the whole split (keys into cached teacher logits)
 
 
+def _per_channel(value, device):
+    """A dataset's mean or std, one number or one per channel, shaped to broadcast over [B, C, H, W]."""
+    return torch.as_tensor(value, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
+
+
 class DeviceData:
     def __init__(self, images, labels, mean, std, device, rows=None, labelled=True):
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.device = torch.device(device)
-        self.mean, self.std = float(mean), float(std)
+        self.mean, self.std = _per_channel(mean, device), _per_channel(std, device)
         self.rows = None if rows is None else rows.to(device)  # positions in the whole split, if a subset
         self.labelled = labelled
 
@@ -31,8 +36,18 @@ class DeviceData:
     def __len__(self):
         return self.labels.numel()
 
-    def batches(self, batch_size, shuffle=False, generator=None, jitter=0):
-        """Yield Batches; all randomness comes from a CPU generator so runs repeat across devices."""
+    def normalize(self, x):
+        """Pixels in [0, 1] -> the model's inputs."""
+        return (x - self.mean) / self.std
+
+    def to_unit(self, x):
+        """The model's inputs -> pixels in [0, 1] (for distortions that fill with black or clip)."""
+        return x * self.std + self.mean
+
+    def batches(self, batch_size, shuffle=False, generator=None, jitter=0, flip=False):
+        """Yield Batches; all randomness comes from a CPU generator so runs repeat across devices.
+        jitter: shift each image by up to this many pixels (zero fill: a padded random crop); flip: mirror
+        half the images left-right."""
         n = len(self)
         if shuffle:
             order = torch.randperm(n, generator=generator).to(self.device, non_blocking=True)
@@ -43,6 +58,8 @@ class DeviceData:
             x = self.images[idx].float()
             if jitter:
                 x = random_shift(x, jitter, generator)
+            if flip:
+                x = random_flip(x, generator)
             x = x.sub_(255 * self.mean).div_(255 * self.std)
             yield Batch(x, self.labels[idx] if self.labelled else None, idx if self.rows is None else self.rows[idx])
 
@@ -61,3 +78,9 @@ def random_shift(x, max_shift, generator=None):
     bi = torch.arange(b, device=x.device)[:, None, None, None]
     ci = torch.arange(c, device=x.device)[None, :, None, None]
     return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def random_flip(x, generator=None):
+    """Mirror each image left-right with probability 1/2."""
+    flipped = torch.rand(x.shape[0], generator=generator).to(x.device, non_blocking=True) < 0.5
+    return torch.where(flipped[:, None, None, None], x.flip(-1), x)

@@ -1,24 +1,22 @@
-"""Finding and loading MNIST-format datasets: Debian's package, data_dir, or torchvision's download."""
+"""Finding and loading datasets (MNIST-format IDX files or CIFAR-10 batches): Debian's package, data_dir,
+or torchvision's download."""
 
 import functools
 import gzip
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from kdrun.data import cifar
 from kdrun.data.idx import check_idx_pair, read_idx_pair
 from kdrun.errors import KdrunError
 from kdrun.io import atomic_write, sha256_file
 
 log = logging.getLogger(__name__)
-
-_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
 
 
 @dataclass
@@ -27,36 +25,70 @@ class Split:
     labels: torch.Tensor  # int64 [N]
 
 
-def _raw_dir(data_dir, folder):
-    return Path(data_dir) / folder / "raw"  # torchvision's layout: root/<Class>/raw/
+@dataclass(frozen=True)
+class Format:
+    """How a dataset lies on disk: where under data_dir, which files make each split, how they are read."""
+
+    folder: Callable  # (data_dir, cfg_dataset) -> the directory holding the files
+    files: dict  # split -> its file names
+    check: Callable  # (*paths) -> number of examples, after checking the files
+    read: Callable  # (*paths) -> (images uint8 [N, C, H, W], labels int64 [N])
 
 
-def _have_files(directory, gz=False):
+FORMATS = {
+    "idx": Format(
+        folder=lambda data_dir, ds: Path(data_dir) / ds.torchvision_class / "raw",  # torchvision's root/<Class>/raw/
+        files={"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")},
+        check=check_idx_pair,
+        read=read_idx_pair,
+    ),
+    "cifar": Format(
+        folder=lambda data_dir, ds: Path(data_dir) / cifar.FOLDER,
+        files=cifar.FILES,
+        check=cifar.check_batches,
+        read=cifar.read_batches,
+    ),
+}
+
+
+def get_format(name):
+    """The Format called `name` (a dataset config's `format` key)."""
+    if name not in FORMATS:
+        raise KdrunError(f"dataset.format must be one of {', '.join(FORMATS)}, got {name!r}")
+    return FORMATS[name]
+
+
+def _names(layout):
+    return [name for names in layout.files.values() for name in names]
+
+
+def _have_files(directory, layout, gz=False):
     suffix = ".gz" if gz else ""
-    return all((Path(directory) / (name + suffix)).is_file() for pair in _FILES.values() for name in pair)
+    return all((Path(directory) / (name + suffix)).is_file() for name in _names(layout))
 
 
-def _unpack_system_copy(system_dir, raw_dir):
-    """Debian ships .gz files; torchvision's readers want them unpacked under data_dir."""
-    for pair in _FILES.values():
-        for name in pair:
-            src = Path(system_dir) / (name + ".gz")
-            try:
-                with gzip.open(src, "rb") as fin:
-                    atomic_write(raw_dir / name, lambda f: shutil.copyfileobj(fin, f))
-            except (OSError, EOFError) as e:
-                raise KdrunError(f"cannot unpack {src} into {raw_dir}: {e}") from None
+def _unpack_system_copy(system_dir, raw_dir, layout):
+    """Debian ships .gz files; the readers want them unpacked under data_dir."""
+    for name in _names(layout):
+        src = Path(system_dir) / (name + ".gz")
+        try:
+            with gzip.open(src, "rb") as fin:
+                atomic_write(raw_dir / name, lambda f: shutil.copyfileobj(fin, f))
+        except (OSError, EOFError) as e:
+            raise KdrunError(f"cannot unpack {src} into {raw_dir}: {e}") from None
 
 
 def locate(cfg_dataset, data_dir, download=True):
-    """Return the directory holding the four uncompressed IDX files, fetching them if needed."""
-    raw = _raw_dir(data_dir, cfg_dataset.torchvision_class)
-    if _have_files(raw):
+    """Return the directory holding the dataset's files (in its `format`, default idx), fetching them if needed."""
+    layout = get_format(cfg_dataset.get("format", "idx"))
+    raw = layout.folder(data_dir, cfg_dataset)
+    if _have_files(raw, layout):
         return raw
     system_dir = cfg_dataset.get("system_dir")
-    if system_dir and _have_files(system_dir, gz=True):
+    if system_dir and _have_files(system_dir, layout, gz=True):
         log.info("unpacking %s into %s", system_dir, raw)
-        _unpack_system_copy(system_dir, raw)
+        _unpack_system_copy(system_dir, raw, layout)
         return raw
     if download:
         existed = {p for p in (Path(data_dir), raw.parent, raw) if p.exists()}
@@ -65,7 +97,7 @@ def locate(cfg_dataset, data_dir, download=True):
 
             log.info("downloading %s into %s", cfg_dataset.name, data_dir)
             getattr(tvd, cfg_dataset.torchvision_class)(root=str(data_dir), train=True, download=True)
-            if _have_files(raw):
+            if _have_files(raw, layout):
                 return raw
         except Exception as e:  # torchvision raises RuntimeError/URLError/OSError offline
             log.debug("download failed: %s", e)
@@ -77,31 +109,32 @@ def locate(cfg_dataset, data_dir, download=True):
     raise KdrunError(f"dataset {cfg_dataset.name} not found in {', '.join(places)}{hint}")
 
 
-def _split_paths(raw_dir, split):
-    return tuple(Path(raw_dir) / name for name in _FILES[split])
+def _split_paths(raw_dir, split, fmt):
+    return tuple(Path(raw_dir) / name for name in get_format(fmt).files[split])
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=16)
 def _file_sha256(path, size, mtime_ns):  # size and mtime make a changed file a new cache entry
     return sha256_file(path)
 
 
-def split_fingerprint(raw_dir, split):
-    """Short hashes of a split's two files, so that another copy of a dataset is told apart."""
+def split_fingerprint(raw_dir, split, fmt="idx"):
+    """Short hashes of a split's files, so that another copy of a dataset is told apart."""
     out = {}
-    for path in _split_paths(raw_dir, split):
+    for path in _split_paths(raw_dir, split, fmt):
         st = path.stat()
         out[path.name] = _file_sha256(str(path), st.st_size, st.st_mtime_ns)[:16]
     return out
 
 
-def check_split_files(raw_dir, split):
-    """Check a split's two IDX headers; returns its number of examples."""
-    return check_idx_pair(*_split_paths(raw_dir, split))
+def check_split_files(raw_dir, split, fmt="idx"):
+    """Check a split's files (IDX: the headers; cifar: the whole batches, cached); returns its number of examples."""
+    return get_format(fmt).check(*_split_paths(raw_dir, split, fmt))
 
 
-def load_split(raw_dir, split):
-    images, labels = read_idx_pair(*_split_paths(raw_dir, split))
+def load_split(raw_dir, split, fmt="idx"):
+    """A split of the dataset in `raw_dir`, whose files are in format `fmt` (a key of FORMATS)."""
+    images, labels = get_format(fmt).read(*_split_paths(raw_dir, split, fmt))
     return Split(images, labels)
 
 

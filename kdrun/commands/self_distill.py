@@ -1,0 +1,32 @@
+"""`kdrun self-distill`: one network (`student=`) teaches itself across two distorted views of each batch."""
+
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from kdrun.commands.common import check_buildable, check_inputs, fold_recipe_overrides, load_data, resolve_device, save_config, train_model
+from kdrun.errors import KdrunError, first_line
+
+
+def preflight(cfg, overrides=()):
+    check_inputs(cfg)
+    cfg = fold_recipe_overrides(cfg, ["student"])
+    check_buildable(cfg, ["student"])
+    try:
+        instantiate(cfg.self_distill, pixels=None)
+    except Exception as e:
+        raise KdrunError(f"invalid self_distill config: {first_line(e.__cause__ or e)}") from None
+
+
+def run(cfg, run_dir, label=None):
+    cfg = fold_recipe_overrides(cfg, ["student"])
+    save_config(cfg, run_dir)
+    device = resolve_device(cfg.device)
+    data = load_data(cfg, device)
+    objective = instantiate(cfg.self_distill, pixels=data.train)
+    setup = OmegaConf.to_container(cfg.self_distill, resolve=True)
+    extra = {"label": label, "role": "self-distilled", "student": cfg.student.name, "teacher": None, "teacher_key": None,
+             "T": cfg.T, "alpha": None, "loss": "SelfDistillation", "lam": setup["lam"], "mu": setup["mu"],
+             "mmd_kernel": setup["mmd_kernel"], "views": objective.distortions.describe(),
+             "distortions": {k: v for k, v in setup["distortions"].items() if k != "_target_"},
+             "jitter": cfg.student.recipe.jitter}
+    return train_model(cfg, run_dir, "student", objective, data, data.train, device, extra)[0]
