@@ -47,10 +47,13 @@ def logit_matching(student_logits, teacher_logits):
     return 0.5 * (z - v).pow(2).sum(dim=-1).mean() / z.shape[-1]
 
 
-def mutual_kl(logits_a, logits_b, T):
-    """KL(p_a || p_b) + KL(p_b || p_a) at T, batchmean, each direction teaching the other view: the
-    target side is detached, as in deep mutual learning, so view a learns from b and b from a."""
-    return kd_kl(logits_b, logits_a.detach(), T) + kd_kl(logits_a, logits_b.detach(), T)
+def symmetric_kl(logits_a, logits_b, T, detach_targets=False):
+    """KL(p_a || p_b) + KL(p_b || p_a) at T, batchmean. detach_targets: hold the target side of each
+    direction fixed, so that a learns from b and b from a (the gradient of deep mutual learning),
+    instead of the plain gradient of the symmetric KL."""
+    if detach_targets:
+        return kd_kl(logits_b, logits_a.detach(), T) + kd_kl(logits_a, logits_b.detach(), T)
+    return kd_kl(logits_b, logits_a, T) + kd_kl(logits_a, logits_b, T)
 
 
 def mmd(features_a, features_b, kernel="linear", bandwidth=None):

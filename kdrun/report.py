@@ -12,7 +12,7 @@ from kdrun.io import atomic_write, read_json
 # what tells two runs' setups apart; the seed is what the mean and std are taken over
 GROUP_KEYS = ("label", "role", "dataset", "teacher", "student", "loss", "T", "alpha", "temperature_schedule",
               "alpha_schedule", "epochs", "lr", "batch_size", "n_train", "n_test", "transfer_set", "labels", "augment",
-              "jitter", "views", "lam", "mu", "mmd_kernel", "weight", "n_students")
+              "jitter", "flip", "views", "lam", "mu", "mmd_kernel", "bandwidth", "detach_targets", "weight", "n_students")
 # (header, key, shown): "always", or "any" (when some row has a value) / "varies" (when rows differ)
 COLUMNS = [("model", "name", "always"), ("teacher", "teacher", "always"), ("student", "student", "always"),
            ("loss", "loss", "varies"), ("transfer", "transfer", "any"), ("epochs", "epochs", "varies"),
@@ -107,7 +107,8 @@ def summarise(runs):
         row["name"] = row["label"] or row["role"]
         if row["role"] == "mutual ensemble" and row["label"]:
             row["name"] += " ensemble"
-        jitter = f"{row['jitter']}px jitter" if row["jitter"] and not row["augment"] else None
+        jitter = ", ".join(filter(None, [f"{row['jitter']}px jitter" if row["jitter"] else None,
+                                         "flip" if row["flip"] else None])) if not row["augment"] else None
         unlabeled = "unlabeled" if row["labels"] is False else None
         row["transfer"] = "; ".join(filter(None, [row["transfer_set"], unlabeled, row["augment"] or jitter, row["views"]])) or None
         corrected = _mean(members, lambda m: (m.get("bias_correction") or {}).get("test_errors_after"))
@@ -139,7 +140,7 @@ def _gap(row, rows):
     """(errors alone - errors distilled) / (errors alone - errors teacher), from the group means. The
     student alone is the plain one (no jitter) on the same transfer set; of several, the one trained
     as many epochs."""
-    alone = [r for r in rows if r["role"] == "student alone" and not r["jitter"]
+    alone = [r for r in rows if r["role"] == "student alone" and not r["jitter"] and not r["flip"]
              and all(r[k] == row[k] for k in ("student", "dataset", "n_train", "n_test", "transfer_set"))]
     if len(alone) > 1:
         alone = [r for r in alone if r["epochs"] == row["epochs"]]
@@ -156,7 +157,7 @@ def _vs_alone(row, rows):
     alone = [r for r in rows if r["role"] == "student alone" and all(
         r[k] == row[k] for k in ("student", "dataset", "n_train", "n_test", "transfer_set", "epochs", "batch_size"))]
     if len(alone) > 1:
-        alone = [r for r in alone if r["jitter"] == row["jitter"]]
+        alone = [r for r in alone if (r["jitter"], r["flip"]) == (row["jitter"], row["flip"])]
     return f"{row['errors_mean'] - alone[0]['errors_mean']:+.1f}" if len(alone) == 1 else None
 
 

@@ -97,6 +97,11 @@ def validate(cfg):
         values = ds[key] if OmegaConf.is_list(ds[key]) else [ds[key]]
         if len(values) not in (1, ds.shape[0]):
             raise KdrunError(f"dataset.{key} must be one number or one per channel ({ds.shape[0]}), got {list(values)}")
+        for v in values:
+            if key == "std":
+                _positive("dataset.std", v)
+            else:
+                _in_range("dataset.mean", v, 0, 1)
     if ds.limit is not None and ds.limit < ds.num_classes:
         raise KdrunError(f"dataset.limit must be at least the number of classes ({ds.num_classes}), got {ds.limit}")
     if "members" in cfg.teacher:

@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from kdrun.data.batches import DeviceData
+from kdrun.data.transfer import describe, select_rows
 from kdrun.data.sources import check_split_files, load_split, locate, split_fingerprint, stratified_subset
 from kdrun.errors import KdrunError, first_line
 from kdrun.io import atomic_write, load_torch_and_hash, write_json
@@ -76,6 +77,27 @@ def load_data(cfg, device):
         splits[split] = DeviceData(s.images[idx], s.labels[idx], ds.mean, ds.std, device)
     assert transfer["n"] == len(splits["train"])
     return Data(splits["train"], splits["test"], tuple(ds.shape), int(ds.num_classes), transfer)
+
+
+def target_name(node):
+    """The class a config node builds (`kdrun.objectives.HintonKD` -> HintonKD), for results."""
+    return node._target_.rsplit(".", 1)[-1]
+
+
+def check_labelled_transfer(cfg):
+    """self-distill and mutual learn from labels alone: transfer.* may pick rows, not drop labels or
+    ask for a teacher."""
+    for key, value in (("labels", True), ("augment", False), ("bias_correction", False)):
+        if cfg.transfer[key] != value:
+            raise KdrunError(f"transfer.{key}={str(cfg.transfer[key]).lower()} is for kdrun distill; kdrun {cfg.command} "
+                             "trains on labels, with no teacher")
+
+
+def labelled_rows(cfg, data):
+    """The rows of the train split that transfer.* selects (fraction, classes, less the validation split),
+    and what to record about them."""
+    rows = select_rows(data.train.labels.cpu(), cfg.transfer, cfg.dataset.subset_seed)
+    return data.train.subset(rows.train), {"transfer_set": describe(cfg.transfer), "n_val": int(rows.val.numel())}
 
 
 def build_model(arch, shape, num_classes):

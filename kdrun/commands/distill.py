@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 
 from kdrun import bias
 from kdrun.commands import teacher
-from kdrun.commands.common import check_buildable, check_inputs, fold_recipe_overrides, load_data, resolve_device, save_config, train_model
+from kdrun.commands.common import (check_buildable, check_inputs, fold_recipe_overrides, load_data, resolve_device, save_config,
+                                   target_name, train_model)
 from kdrun.data.transfer import affected_classes, describe, select_rows, unseen_classes
 from kdrun.errors import KdrunError, first_line
 from kdrun.io import write_json
@@ -85,9 +86,9 @@ def run(cfg, run_dir, label=None):
     objective = instantiate(cfg.loss, teacher=signal)
     augment = f"online teacher, {cfg.student.recipe.jitter}px jitter" if cfg.transfer.augment else None
     extra = {"label": label, "student": cfg.student.name, "T": cfg.T, "alpha": cfg.alpha,
-             "temperature_schedule": _short(cfg.temperature), "alpha_schedule": _short(cfg.alpha_schedule),
-             "loss": _short(cfg.loss), "transfer_set": describe(cfg.transfer), "labels": cfg.transfer.labels,
-             "augment": augment, "jitter": cfg.student.recipe.jitter,
+             "temperature_schedule": target_name(cfg.temperature), "alpha_schedule": target_name(cfg.alpha_schedule),
+             "loss": target_name(cfg.loss), "transfer_set": describe(cfg.transfer), "labels": cfg.transfer.labels,
+             "augment": augment, "jitter": cfg.student.recipe.jitter, "flip": cfg.student.recipe.get("flip", False),
              "n_val": int(rows.val.numel()), **info}
     results, model = train_model(cfg, run_dir, "student", objective, data, transfer_set, device, extra)
     if cfg.transfer.bias_correction:
@@ -122,7 +123,3 @@ def correct_bias(cfg, run_dir, model, data, rows):
     log.info("bias correction: shift %+.1f on classes %s: val errors %d -> %d, test errors %d -> %d", shift, classes,
              out["val_errors_before"], val_after, out["test_errors_before"], out["test_errors_after"])
     return out
-
-
-def _short(node):
-    return node._target_.rsplit(".", 1)[-1]

@@ -103,44 +103,59 @@ def preflight(cfg, overrides=()):
     transfer = check_inputs(cfg)
     train.preflight(cfg)
     key = store.teacher_key(fold_recipe_overrides(cfg, ["teacher", "student"]), cfg.teacher_seed)
-    runs = student_runs(cfg, overrides)
-    n_jobs = {}
-    for name, command, jobs in runs:
+    earlier = {}  # run name -> (command, the seed of each of its jobs)
+    for name, command, jobs in student_runs(cfg, overrides):
+        seeds = []
         for job in jobs:
             run_cfg = compose_run(name, job, command)
             try:
                 validate(run_cfg)
-                _check_run(command, run_cfg, transfer, n_jobs, len(jobs))
+                _check_run(command, run_cfg, transfer, earlier)
             except KdrunError as e:
                 raise KdrunError(f"pipeline.runs.{name}: {e}") from None
+            seeds.append(run_cfg.seed)
             if not needs_store_teacher(command, run_cfg):
                 continue
             same = (run_cfg.workdir, run_cfg.teacher_seed) == (cfg.workdir, cfg.teacher_seed)
             if store.teacher_key(run_cfg, run_cfg.teacher_seed) != key or not same:
                 raise KdrunError(f"pipeline.runs.{name} changes the teacher; every run distils from the pipeline's")
-        n_jobs[name] = len(jobs)
+        earlier[name] = (command, seeds)
     for name, members in (cfg.pipeline.get("ensembles") or {}).items():
-        if not OmegaConf.is_list(members) or len(members) < 2 or any(m not in n_jobs for m in members):
+        if not OmegaConf.is_list(members) or len(members) < 2 or any(m not in earlier for m in members):
             raise KdrunError(f"pipeline.ensembles.{name} must list 2 or more runs of pipeline.runs "
-                             f"({', '.join(n_jobs)}), got {members!r}")
-        if len({n_jobs[m] for m in members}) != 1:
-            raise KdrunError(f"pipeline.ensembles.{name}: its runs have different numbers of jobs")
-        if name in n_jobs or name in RESERVED:
+                             f"({', '.join(earlier)}), got {members!r}")
+        for m in members:
+            _one_model_per_seed(f"pipeline.ensembles.{name}", m, *earlier[m])
+        if len({frozenset(earlier[m][1]) for m in members}) != 1:
+            raise KdrunError(f"pipeline.ensembles.{name}: its runs have different seeds; they pair up seed by seed")
+        if name in earlier or name in RESERVED:
             raise KdrunError(f"pipeline.ensembles.{name}: the name is taken")
 
 
-def _check_run(command, run_cfg, transfer, earlier, n_jobs):
+def _check_run(command, run_cfg, transfer, earlier):
     """What `kdrun <command>`'s preflight checks, except the teacher an @NAME run will make."""
     ref = _reference(run_cfg)
-    if ref is not None and ref not in earlier:
-        raise KdrunError(f"teacher_ckpt=@{ref} names no earlier run (earlier: {', '.join(earlier) or 'none'})")
-    if ref is not None and earlier[ref] != n_jobs:
-        raise KdrunError(f"teacher_ckpt=@{ref}: that run has {earlier[ref]} jobs and this one {n_jobs}; they pair up one to one")
+    if ref is not None:
+        if ref not in earlier:
+            raise KdrunError(f"teacher_ckpt=@{ref} names no earlier run (earlier: {', '.join(earlier) or 'none'})")
+        _one_model_per_seed(f"teacher_ckpt=@{ref}", ref, *earlier[ref])
+        if run_cfg.seed not in earlier[ref][1]:
+            raise KdrunError(f"teacher_ckpt=@{ref}: {ref} has no job with seed {run_cfg.seed} (it has "
+                             f"{', '.join(map(str, earlier[ref][1]))}); a job distils from the same seed's model")
     if command != "distill":
         _module(command).preflight(run_cfg)
         return
     distill.check_student(run_cfg)
     distill.check_val_size(run_cfg, transfer["n"])
+
+
+def _one_model_per_seed(where, name, command, seeds):
+    """Runs pair up seed by seed: a run another names must have one model per seed."""
+    if command == "mutual":
+        raise KdrunError(f"{where}: {name} is a mutual run, with one model per student; name a model.pt instead")
+    if len(set(seeds)) != len(seeds):
+        raise KdrunError(f"{where}: {name} has several jobs with the same seed ({', '.join(map(str, seeds))}); "
+                         "runs pair up seed by seed")
 
 
 def _module(command):
@@ -158,15 +173,15 @@ def run(cfg, run_dir):
     cfg = fold_recipe_overrides(cfg, ["teacher", "student"])
     save_config(cfg, run_dir)
     runs = student_runs(cfg, overrides)
-    if any(needs_store_teacher(command, compose_run(name, jobs[0], command)) for name, command, jobs in runs):
+    if any(needs_store_teacher(command, compose_run(name, job, command)) for name, command, jobs in runs for job in jobs):
         teacher_cfg = cfg.copy()
         teacher_cfg.seed = cfg.teacher_seed
         teacher_cfg.command = "train"  # its results are a teacher's, whoever trains it
         train.run(teacher_cfg, run_dir / "teacher")
         soft_targets.run(cfg, run_dir / "soft_targets")
-    done, models = [], {}
+    done, models = [], {}  # run name -> {seed: its model.pt}
     for name, command, jobs in runs:
-        models[name] = []
+        models[name] = {}
         for i, job in enumerate(jobs):
             where = run_dir / name if len(jobs) == 1 else run_dir / name / str(i)
             log.info("pipeline: %s -> %s (kdrun %s %s)", name, where, command, " ".join(job[0]))
@@ -174,14 +189,15 @@ def run(cfg, run_dir):
             run_cfg = compose_run(name, job, command)
             ref = _reference(run_cfg)
             if ref is not None:
-                run_cfg.teacher_ckpt = models[ref][i]
+                run_cfg.teacher_ckpt = models[ref][run_cfg.seed]
             _module(command).run(run_cfg, where, label=name)
-            models[name].append(str(where / "model.pt"))
+            models[name][run_cfg.seed] = str(where / "model.pt")
     for name, members in (cfg.pipeline.get("ensembles") or {}).items():
-        for i, paths in enumerate(zip(*(models[m] for m in members))):
-            where = run_dir / name if len(paths) == 1 else run_dir / name / str(i)
+        seeds = sorted(models[members[0]])
+        for i, seed in enumerate(seeds):
+            where = run_dir / name if len(seeds) == 1 else run_dir / name / str(i)
             done.append(str(where))
-            evaluate_ensemble(cfg, where, name, list(members), paths)
+            evaluate_ensemble(cfg, where, name, list(members), [models[m][seed] for m in members])
     paper = OmegaConf.to_container(cfg.paper, resolve=True) if cfg.get("paper") else None
     preset = hc.runtime.choices.get("experiment")
     title = f"kdrun pipeline experiment={preset}" if preset else f"kdrun pipeline: {cfg.dataset.name}"

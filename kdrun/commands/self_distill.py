@@ -3,12 +3,14 @@
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from kdrun.commands.common import check_buildable, check_inputs, fold_recipe_overrides, load_data, resolve_device, save_config, train_model
+from kdrun.commands.common import (check_buildable, check_inputs, check_labelled_transfer, fold_recipe_overrides, labelled_rows,
+                                   load_data, resolve_device, save_config, target_name, train_model)
 from kdrun.errors import KdrunError, first_line
 
 
 def preflight(cfg, overrides=()):
     check_inputs(cfg)
+    check_labelled_transfer(cfg)
     cfg = fold_recipe_overrides(cfg, ["student"])
     check_buildable(cfg, ["student"])
     try:
@@ -22,11 +24,14 @@ def run(cfg, run_dir, label=None):
     save_config(cfg, run_dir)
     device = resolve_device(cfg.device)
     data = load_data(cfg, device)
+    train_set, chosen = labelled_rows(cfg, data)
     objective = instantiate(cfg.self_distill, pixels=data.train)
     setup = OmegaConf.to_container(cfg.self_distill, resolve=True)
     extra = {"label": label, "role": "self-distilled", "student": cfg.student.name, "teacher": None, "teacher_key": None,
-             "T": cfg.T, "alpha": None, "loss": "SelfDistillation", "lam": setup["lam"], "mu": setup["mu"],
-             "mmd_kernel": setup["mmd_kernel"], "views": objective.distortions.describe(),
-             "distortions": {k: v for k, v in setup["distortions"].items() if k != "_target_"},
-             "jitter": cfg.student.recipe.jitter}
-    return train_model(cfg, run_dir, "student", objective, data, data.train, device, extra)[0]
+             "T": cfg.T, "alpha": None, "loss": "SelfDistillation", "temperature_schedule": target_name(cfg.temperature),
+             **chosen, "lam": setup["lam"], "mu": setup["mu"], "mmd_kernel": setup["mmd_kernel"],
+             "bandwidth": setup["bandwidth"], "detach_targets": setup["detach_targets"],
+             "views": objective.distortions.describe(), "jitter": cfg.student.recipe.jitter,
+             "flip": cfg.student.recipe.get("flip", False),
+             "distortions": {k: v for k, v in setup["distortions"].items() if k != "_target_"}}
+    return train_model(cfg, run_dir, "student", objective, data, train_set, device, extra)[0]

@@ -5,14 +5,14 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from kdrun import soft_targets, store
 from kdrun.commands.common import RECIPE_OVERRIDES, check_model_payload, load_model, n_params
-from kdrun.ensemble import Ensemble, combine_logits
+from kdrun.ensemble import Ensemble
 from kdrun.errors import KdrunError
 from kdrun.io import content_key, sha256_file
+from kdrun.loop import evaluate
 from kdrun.validate import integer, model_spec
 
 
@@ -150,11 +150,8 @@ def ensemble_record(cfg, model, group, keys, shas, data):
     """The ensemble as a teacher row: its test errors and each member's, measured on this test set
     (a forward pass) and written to the store (teachers/<key>/teacher.json) for `kdrun report`."""
     key = ensemble_keys(cfg, keys)[0]
-    with torch.no_grad():
-        z = torch.cat([model.member_logits(b.x) for b in data.test.batches(1000)])
-    labels = data.test.labels
-    member_errors = (z.argmax(-1) != labels[:, None]).sum(0).tolist()
-    errors = int((combine_logits(z, cfg.teacher.combine, 1.0).argmax(-1) != labels).sum())
+    measured = evaluate(model, data.test)
+    member_errors, errors = measured["member_test_errors"], measured["test_errors"]
     results = {
         "command": "train", "status": "completed", "label": "ensemble", "dataset": cfg.dataset.name,
         "teacher": ensemble_name(cfg, group),

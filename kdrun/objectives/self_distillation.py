@@ -1,23 +1,28 @@
 import torch
 import torch.nn.functional as F
 
-from kdrun.losses import mmd, mutual_kl
+from kdrun.losses import mmd, symmetric_kl
 
 
 class SelfDistillation:
     """Data-distortion guided self-distillation (Xu & Liu 2019): one network sees two distorted views
     a and b of each batch, and
-        loss = CE(a) + CE(b) + lam * T^2 * [KL(p_a || p_b) + KL(p_b || p_a)] + mu * MMD(f_a, f_b),
-    p at temperature T, f the penultimate features. T^2 keeps lam's meaning at every T (as in Hinton
-    KD); at T = 1 it is the paper's loss. Both views go through the network as one batch."""
+        loss = CE(a) + CE(b) + lam * [KL(p_a || p_b) + KL(p_b || p_a)] + mu * MMD(f_a, f_b),
+    p at temperature T, f the penultimate features (the head's input). No T^2 factor: this is the
+    paper's form, for which the reference weights (lam 1, T 3) were given. Both views go through the
+    network as one batch. detach_targets: each KL direction holds its target view fixed."""
 
-    def __init__(self, temperature, lam, mu, distortions, pixels, mmd_kernel="linear", bandwidth=None, seed=0):
+    def __init__(self, temperature, lam, mu, distortions, pixels, mmd_kernel="linear", bandwidth=None, seed=0,
+                 detach_targets=False):
         if lam < 0 or mu < 0:
             raise ValueError(f"lam and mu must be >= 0, got lam={lam}, mu={mu}")
+        if bandwidth is not None and (isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float))
+                                      or not bandwidth > 0):
+            raise ValueError(f"bandwidth must be a number > 0 or null, got {bandwidth!r}")
         mmd(torch.zeros(2, 1), torch.zeros(2, 1), mmd_kernel)  # refuse an unknown kernel now
         self.temperature, self.lam, self.mu = temperature, float(lam), float(mu)
         self.distortions, self.pixels = distortions, pixels
-        self.kernel, self.bandwidth = mmd_kernel, bandwidth
+        self.kernel, self.bandwidth, self.detach_targets = mmd_kernel, bandwidth, bool(detach_targets)
         self.generator = torch.Generator().manual_seed(int(seed) + 1)  # not the data order's stream
 
     def views(self, x):
@@ -31,8 +36,8 @@ class SelfDistillation:
         n = batch.x.shape[0]
         (za, zb), (fa, fb) = logits.split(n), features.split(n)
         ce_a, ce_b = F.cross_entropy(za, batch.y), F.cross_entropy(zb, batch.y)
-        kl = mutual_kl(za, zb, T)
+        kl = symmetric_kl(za, zb, T, self.detach_targets)
         discrepancy = mmd(fa, fb, self.kernel, self.bandwidth)
-        loss = ce_a + ce_b + self.lam * T * T * kl + self.mu * discrepancy
+        loss = ce_a + ce_b + self.lam * kl + self.mu * discrepancy
         return za, loss, {"ce_a": ce_a.detach(), "ce_b": ce_b.detach(), "sym_kl": kl.detach(),
-                          "sym_kl_scaled": (T * T * kl).detach(), "mmd": discrepancy.detach(), "T": T}
+                          "mmd": discrepancy.detach(), "T": T}
