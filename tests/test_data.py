@@ -111,3 +111,18 @@ def test_batches_cover_the_split_once_normalised():
         assert torch.equal(b.y, data.labels[b.idx])
         seen.append(b.idx)
     assert sorted(torch.cat(seen).tolist()) == list(range(250)) and data.n_batches(64) == len(seen) == 4
+
+
+def test_batches_normalise_per_channel_and_flip_half_the_images():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (200, 3, 4, 5), generator=g, dtype=torch.uint8)
+    mean, std = [0.1, 0.5, 0.9], [0.2, 0.3, 0.4]
+    data = DeviceData(images, torch.arange(200) % 10, mean, std, "cpu")
+    plain = next(data.batches(200)).x
+    expected = (images.float() / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    assert torch.allclose(plain, expected, atol=1e-5)
+    assert torch.allclose(data.to_unit(plain), images.float() / 255, atol=1e-5)
+    flipped = next(data.batches(200, generator=torch.Generator().manual_seed(1), flip=True)).x
+    mirrored = [torch.equal(flipped[i], plain[i].flip(-1)) for i in range(200)]
+    same = [torch.equal(flipped[i], plain[i]) for i in range(200)]
+    assert all(m or s for m, s in zip(mirrored, same)) and 70 < sum(mirrored) < 130

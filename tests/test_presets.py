@@ -151,13 +151,13 @@ def test_every_paper_preset_composes_its_runs_and_states_how_it_differs():
         for name, n_jobs in expected.items():
             cfg = compose(config_name="pipeline", overrides=[f"experiment={name}"])
             runs = student_runs(cfg, [f"experiment={name}"])
-            assert sum(len(jobs) for _, jobs in runs) == n_jobs, name
+            assert sum(len(jobs) for _, _, jobs in runs) == n_jobs, name
             assert cfg.paper.source.startswith("Hinton et al. 2015") and cfg.paper.differences, name
-            for run_name, jobs in runs:
-                run_cfg = compose_run(run_name, jobs[0])
-                assert run_cfg.teacher.name == cfg.teacher.name and run_cfg.command == "distill"
+            for run_name, command, jobs in runs:
+                run_cfg = compose_run(run_name, jobs[0], command)
+                assert run_cfg.teacher.name == cfg.teacher.name and command == run_cfg.command == "distill"
         omit = compose_run("omit_3", student_runs(compose(config_name="pipeline", overrides=["experiment=omit_class"]),
-                                                  ["experiment=omit_class"])[1][1][0])
+                                                  ["experiment=omit_class"])[1][2][0])
         assert (list(omit.transfer.exclude_classes), omit.transfer.val_size, omit.transfer.bias_correction) == ([3], 5000, True)
 
 

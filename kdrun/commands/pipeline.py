@@ -73,9 +73,7 @@ def compose_run(name, job, command="distill"):
     from hydra import compose
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from kdrun.cli import explain
-
-    from kdrun.cli import COMMANDS
+    from kdrun.cli import COMMANDS, explain
 
     words, own = job
     try:
