@@ -13,7 +13,8 @@ import re
 import sys
 from pathlib import Path
 
-from kdrun.errors import KdrunError, first_line, usage_error
+from kdrun import interrupt
+from kdrun.errors import KdrunError, StorageError, first_line, usage_error
 
 COMMANDS = {  # command word -> (primary config, module)
     "train": ("train", "kdrun.commands.train"),
@@ -25,7 +26,8 @@ COMMANDS = {  # command word -> (primary config, module)
     "self-distill": ("self_distill", "kdrun.commands.self_distill"),
     "mutual": ("mutual", "kdrun.commands.mutual"),
 }
-PLAIN_COMMANDS = {"report": "summarise results.json files (sweeps, runs, a workdir) into report.md/.csv/.png"}
+PLAIN_COMMANDS = {"report": "summarise results.json files (sweeps, runs, a workdir) into report.md/.csv/.png",
+                  "resume": "finish a stopped run, pipeline or sweep from its checkpoints: kdrun resume DIR"}
 # schedule group -> the top-level value it schedules (T and alpha are what users type)
 SCHEDULE_GROUPS = {"temperature": "T", "alpha_schedule": "alpha"}
 NOT_CHOSEN_DIRECTLY = {"model": "teacher=NAME or student=NAME", "recipe": "teacher.recipe.KEY=VALUE or epochs=N"}
@@ -170,15 +172,17 @@ def explain(exc, command=None):
         return f"unknown {m.group(1)} '{m.group(2)}'; choose from: {', '.join(group_options(m.group(1)))}"
     if _is_user_error(exc):
         return first_line(exc)
+    if isinstance(exc, OSError) and exc.strerror:  # a full disk, a read-only or forbidden folder
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
     return f"{type(exc).__name__}: {first_line(exc)} (set KDRUN_DEBUG=1 for the traceback)"
 
 
-def _record_failure(run_dir, cfg, message):
+def _record_failure(run_dir, cfg, message, status="failed"):
     from kdrun.io import write_json
 
     try:
         write_json(Path(run_dir) / "results.json", {
-            "command": cfg.get("command"), "status": "failed", "error": message, "run_dir": str(run_dir),
+            "command": cfg.get("command"), "status": status, "error": message, "run_dir": str(run_dir),
         })
     except OSError:
         pass  # the error being reported matters more than this record
@@ -199,8 +203,12 @@ def run_hydra(command, argv):
         module = importlib.import_module(module_name)  # torch loads here, not for --help
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
+        interrupt.set_resume_dir(hc.sweep.dir if hc.mode == RunMode.MULTIRUN else run_dir)
         try:
             return module.run(cfg, run_dir)
+        except interrupt.Interrupted as e:
+            _record_failure(run_dir, cfg, f"interrupted by {e}", status="interrupted")
+            raise
         except Exception as e:
             message = explain(e, command)
             _record_failure(run_dir, cfg, message)
@@ -262,6 +270,10 @@ def dispatch(argv):
         from kdrun import report
 
         return report.main(rest)
+    if command == "resume":
+        from kdrun import resume
+
+        return resume.main(rest)
     if command not in COMMANDS:
         words = [*COMMANDS, *PLAIN_COMMANDS]
         close = difflib.get_close_matches(command, words, n=1)
@@ -280,8 +292,14 @@ def dispatch(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv else None
+    previous = interrupt.install()
     try:
         code = dispatch(argv)
+    except interrupt.Interrupted as e:
+        where = interrupt.resume_dir()
+        print(f"kdrun: interrupted; resume with: kdrun resume {where}" if where else "kdrun: interrupted",
+              file=sys.stderr)
+        code = e.exit_code
     except KeyboardInterrupt:
         print("kdrun: interrupted", file=sys.stderr)
         code = 130
@@ -290,10 +308,19 @@ def main(argv=None):
     except Exception as e:
         if os.environ.get("KDRUN_DEBUG"):
             raise
-        print(f"kdrun: error: {explain(e, command)}", file=sys.stderr)
+        print(f"kdrun: error: {printable(explain(e, command))}", file=sys.stderr)
         code = 2 if _is_user_error(e) else 1
+    finally:
+        interrupt.restore(previous)
     sys.exit(code)
 
 
+def printable(text):
+    """One line whatever the user typed: control characters (a stray \\r or \\n) escaped."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def _is_user_error(exc):
+    if isinstance(exc, StorageError):
+        return False
     return isinstance(exc, KdrunError) or type(exc).__module__.startswith(("hydra", "omegaconf"))

@@ -1,5 +1,9 @@
 class KdrunError(Exception):
-    """A problem the user can fix; the CLI prints it as one `kdrun: error: ...` line."""
+    """A problem the user can fix; the CLI prints it as one `kdrun: error: ...` line (exit 2)."""
+
+
+class StorageError(KdrunError):
+    """The machine, not the input: a full disk, a read-only or forbidden folder (exit 1)."""
 
 
 def first_line(exc):

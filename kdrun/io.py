@@ -10,22 +10,28 @@ from pathlib import Path
 
 import torch
 
-from kdrun.errors import KdrunError, first_line
+from kdrun.errors import KdrunError, StorageError, first_line
 
 
 def atomic_write(path, write_fn, mode="wb"):
-    """Call write_fn(file) on a temp file beside `path`, then rename it over `path`."""
+    """Call write_fn(file) on a temp file beside `path`, then rename it over `path`: a reader sees the
+    old file or the new one, never half of one. A full disk, a read-only or forbidden folder is one
+    StorageError naming the file, and leaves the old file as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, mode) as f:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise StorageError(f"cannot write {path}: {e.strerror or e}") from None
         raise
 
 

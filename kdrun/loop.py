@@ -10,6 +10,8 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from kdrun import interrupt
+from kdrun.checkpoint import rng_state, set_rng_state
 from kdrun.errors import KdrunError
 
 
@@ -35,23 +37,54 @@ def evaluate(model, data, batch_size=1000):
 
 
 def fit(model, objective, train, test, optimizer, scheduler, *, epochs, batch_size, jitter, generator, flip=False,
-        recorder, progress="auto"):
-    """Train for `epochs`; after each epoch evaluate on `test` and hand a metrics row to `recorder`."""
+        recorder, checkpointer=None, progress="auto"):
+    """Train for `epochs`; after each epoch evaluate on `test`, hand a metrics row to `recorder` and save
+    a checkpoint. A signal (see kdrun.interrupt) ends the current step, checkpoints mid-epoch and raises
+    Interrupted. With a checkpoint to resume, training continues exactly where it stopped.
+    Returns (the last epoch's metrics row, seconds spent in this loop over all sessions)."""
     steps_per_epoch = train.n_batches(batch_size)
     total_steps = epochs * steps_per_epoch
-    step = 0
+    resumed = checkpointer.load() if checkpointer else None
+    start_epoch, step, skip, row, elapsed = 0, 0, 0, {}, 0.0
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        start_epoch, step, skip = resumed["epoch"], resumed["step"], resumed["batch"]
+        row, elapsed = resumed["row"], resumed["elapsed"]
+        if not skip:
+            set_rng_state(resumed["rng"], generator, objective)
+    recorder.keep_epochs(start_epoch)
     show_bars = sys.stderr.isatty() if progress == "auto" else bool(progress)
-    epoch_bar = tqdm(range(epochs), desc=recorder.name, unit="epoch", disable=not show_bars)
-    row = {}
+    epoch_bar = tqdm(range(start_epoch, epochs), desc=recorder.name, unit="epoch", disable=not show_bars,
+                     initial=start_epoch, total=epochs)
+    session_started = time.perf_counter()
+
+    def state(epoch, batch, epoch_rng, sums, correct):
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch, "step": step, "batch": batch, "epoch_rng": epoch_rng, "sums": dict(sums),
+                "correct": correct, "rng": rng_state(generator, objective), "row": row,
+                "elapsed": elapsed + time.perf_counter() - session_started}
+
     # with bars on screen, log lines go through tqdm so that they do not break the bars
-    with logging_redirect_tqdm() if show_bars else contextlib.nullcontext():
+    with logging_redirect_tqdm() if show_bars else contextlib.nullcontext(), interrupt.deferred():
         for epoch in epoch_bar:
             model.train()
             started = time.perf_counter()
             sums = defaultdict(float)  # per-example sums, kept on the device until the epoch ends
             correct = torch.zeros((), dtype=torch.long, device=train.device)
+            if skip:  # resuming mid-epoch: replay the epoch's draws up to where it stopped
+                generator.set_state(resumed["epoch_rng"])
+            epoch_rng = generator.get_state()
             batches = train.batches(batch_size, shuffle=True, generator=generator, jitter=jitter, flip=flip)
-            for batch in tqdm(batches, total=steps_per_epoch, leave=False, unit="batch", disable=not show_bars):
+            if skip:
+                for _ in range(skip):
+                    next(batches)
+                set_rng_state(resumed["rng"], generator, objective)
+                sums.update(resumed["sums"])
+                correct += resumed["correct"].to(train.device)
+            for i, batch in enumerate(tqdm(batches, total=steps_per_epoch, initial=skip, leave=False, unit="batch",
+                                           disable=not show_bars), start=skip + 1):
                 logits, loss, logs = objective(model, batch, step / total_steps)
                 if not torch.isfinite(loss):
                     lr = optimizer.param_groups[0]["lr"]
@@ -68,6 +101,11 @@ def fit(model, objective, train, test, optimizer, scheduler, *, epochs, batch_si
                 if batch.y is not None:
                     correct += (logits.argmax(1) == batch.y).sum()
                 step += 1
+                if interrupt.pending() and i < steps_per_epoch:
+                    if checkpointer:
+                        checkpointer.save(state(epoch, i, epoch_rng, sums, correct))
+                    interrupt.check()
+            skip = 0
             n_train = len(train)
             row = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"]}
             row.update({k: float(v) / n_train for k, v in sums.items()})
@@ -77,5 +115,8 @@ def fit(model, objective, train, test, optimizer, scheduler, *, epochs, batch_si
             if not all(math.isfinite(v) for v in row.values() if isinstance(v, float)):
                 raise KdrunError(f"non-finite metrics at epoch {epoch + 1}: {row}")
             epoch_bar.set_postfix(loss=f"{row['loss']:.4f}", test_err=row["test_errors"])
-            recorder.epoch_end(row, model, optimizer, scheduler, generator)
-    return row
+            recorder.epoch_end(row)
+            if checkpointer:
+                checkpointer.save(state(epoch + 1, 0, None, {}, None))
+            interrupt.check()
+    return row, elapsed + time.perf_counter() - session_started

@@ -9,6 +9,7 @@ from pathlib import Path
 from filelock import FileLock
 from omegaconf import OmegaConf
 
+from kdrun.checkpoint import Checkpointer
 from kdrun.errors import KdrunError
 from kdrun.io import atomic_write, content_key, read_json, sha256_file, write_json
 
@@ -54,16 +55,23 @@ def publish(workdir, key, model_path, identity, run_dir, results):
 
 
 def train_or_reuse(workdir, key, identity, train, retrain=False):
-    """(stored model.pt, results of training it or None if reused): `train()` runs only when the store
-    lacks `key` (or `retrain`), under a lock, so concurrent jobs wanting one model train it once."""
+    """(stored model.pt, results of training it or None if reused): `train(checkpointer)` runs only when
+    the store lacks `key` (or `retrain`), under a lock, so concurrent jobs wanting one model train it once.
+    Its checkpoint lives in the entry, so a training of `key` left unfinished resumes, whichever run
+    asks for it next (retrain=true starts afresh)."""
     entry = _entry(workdir, key)
     entry.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(entry) + ".train.lock"):
         existing = lookup(workdir, key)
         if existing is not None and not retrain:
             return existing, None
-        results = train()
-        return publish(workdir, key, Path(results["model"]), identity, results["run_dir"], results), results
+        checkpointer = Checkpointer(entry / "training" / "last.pt", key, f"the store's teacher {key}", not retrain)
+        if checkpointer.resume and checkpointer.path.is_file():
+            log.info("teacher %s: resuming its unfinished training from %s", key, checkpointer.path)
+        results = train(checkpointer)
+        path = publish(workdir, key, Path(results["model"]), identity, results["run_dir"], results)
+        checkpointer.discard()
+        return path, results
 
 
 def write_record(workdir, key, identity, results):

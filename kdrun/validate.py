@@ -87,6 +87,8 @@ def validate(cfg):
         _positive("lr", cfg.lr)
     integer("seed", cfg.seed, 0)
     integer("teacher_seed", cfg.teacher_seed, 0)
+    for key in ("retrain", "resume"):
+        boolean(key, cfg[key])
     if cfg.device not in DEVICES:
         raise KdrunError(f"device must be one of {', '.join(DEVICES)}, got {cfg.device!r}")
     ds = cfg.dataset
@@ -170,11 +172,6 @@ def _specialists(cfg):
             raise KdrunError(f"kdrun specialists uses transfer.val_size only; transfer.{key} is for kdrun distill")
 
 
-def _bool(name, value):
-    if not isinstance(value, bool):
-        raise KdrunError(f"{name} must be true or false, got {value!r}")
-
-
 def _classes(name, value, ds):
     shown = list(value) if OmegaConf.is_list(value) else value
     if not isinstance(shown, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in shown):
@@ -197,7 +194,7 @@ def _transfer(t, ds):
     if v <= 0 or v > 1:
         raise KdrunError(f"transfer.fraction must be in (0, 1], got {t.fraction!r}")
     for key in ("labels", "augment", "bias_correction"):
-        _bool(f"transfer.{key}", t[key])
+        boolean(f"transfer.{key}", t[key])
     integer("transfer.val_size", t.val_size, 0)  # its bound, the train split's size, is checked in preflight
     if t.bias_correction and not t.val_size:
         raise KdrunError("transfer.bias_correction=true needs transfer.val_size > 0: the shift is tuned on a "

@@ -76,10 +76,10 @@ CASES = [
      "kdrun: error: temperature picks a schedule (anneal, constant); to set the value use T=7"),
     ("unknown-command", ["frobnicate"],
      "kdrun: error: unknown command 'frobnicate'; choose from: train, soft-targets, distill, pipeline, evaluate, specialists, "
-     "self-distill, mutual, report"),
+     "self-distill, mutual, report, resume"),
     ("misspelt-command", ["distil"],
      "kdrun: error: unknown command 'distil' (did you mean distill?); choose from: train, soft-targets, distill, pipeline, evaluate, "
-     "specialists, self-distill, mutual, report"),
+     "specialists, self-distill, mutual, report, resume"),
     ("report-without-paths", ["report"], "kdrun: error: the following arguments are required: paths"),
     ("report-missing-path", ["report", "{root}/nope"], "kdrun: error: no such file or folder: {root}/nope"),
     ("unknown-teacher", ["train", "teacher=resnet", *QUICK],
@@ -310,6 +310,27 @@ CASES = [
     ("cifar-absent-offline", ["train", "dataset=cifar10", "teacher=resnet20", "data_dir={root}/empty_data"],
      "kdrun: error: dataset cifar10 not found in {root}/empty_data/cifar-10-batches-py, torchvision download (failed or "
      "offline); try dataset=fashion_mnist (Debian's dataset-fashion-mnist package)"),
+    ("lr-text", ["distill", *T30, *QUICK, "lr=abc"], "kdrun: error: lr must be a number, got 'abc'"),
+    ("batch-size-text", ["distill", *T30, *QUICK, "batch_size=abc"],
+     "kdrun: error: batch_size must be an integer >= 1 or null, got 'abc'"),
+    ("epochs-fraction", ["train", *QUICK, "epochs=1.5"], "kdrun: error: epochs must be an integer >= 1 or null, got 1.5"),
+    ("limit-text", ["distill", *T30, *QUICK, "dataset.limit=abc"],
+     "kdrun: error: dataset.limit must be an integer >= 1 or null, got 'abc'"),
+    ("dropout-text", ["train", *QUICK, "teacher.model.dropout_hidden=abc"],
+     "kdrun: error: teacher.model.dropout_hidden must be a number, got 'abc'"),
+    ("only-classes-empty-value", ["distill", *T30, *QUICK, "transfer.only_classes="],
+     "kdrun: error: transfer.only_classes must be a list of class indices, got ''"),
+    ("only-classes-by-name", ["distill", *T30, *QUICK, "transfer.only_classes=[Coat]"],
+     "kdrun: error: transfer.only_classes must be a list of class indices, got ['Coat']"),
+    ("only-classes-unknown", ["distill", *T30, *QUICK, "transfer.only_classes=[99]"],
+     "kdrun: error: transfer.only_classes has class 99, but fashion_mnist has classes 0..9"),
+    ("hidden-empty", ["train", *QUICK, "teacher.model.hidden=[]"],
+     "kdrun: error: teacher.model.hidden must be a non-empty list of integers >= 1, got []"),
+    ("resume-not-a-run", ["resume", "{root}/empty_data"],
+     "kdrun: error: {root}/empty_data is not a kdrun run or sweep directory (it has no .hydra/config.yaml or multirun.yaml)"),
+    ("resume-nothing", ["resume"], "kdrun: error: usage: kdrun resume RUN_DIR|SWEEP_DIR"),
+    ("resume-two-dirs", ["resume", "{root}", "{root}"], "kdrun: error: usage: kdrun resume RUN_DIR|SWEEP_DIR"),
+    ("resume-as-a-key", ["distill", *QUICK, "resume=yes"], "kdrun: error: resume must be true or false, got 'yes'"),
     ("idx-truncated", ["train", *QUICK, "data_dir={root}/bad_data"],
      "kdrun: error: corrupt IDX file {bad_labels}: expected 60008 bytes for shape [60000], found 59908"),
 ]
@@ -338,3 +359,35 @@ def test_cuda_requested_without_cuda(world):
     proc = run(["distill", *T30, *QUICK, "device=cuda"], env, world["root"])
     assert proc.returncode == 2
     assert proc.stderr.strip() == "kdrun: error: device=cuda but CUDA is not available here; use device=cpu or device=auto"
+
+
+SHORT = {" ".join(QUICK): "$Q", " ".join(T30): "$T30"}
+README_TABLE = ("<!-- bad-input table: tests/test_bad_input.py -->", "<!-- end of bad-input table -->")
+
+
+def readme_row(case):
+    """A case as README's table shows it: `$Q`/`$T30` for the common words, `$ROOT`-style placeholders
+    for the files the `world` fixture makes."""
+    name, args, expected = case
+    command = " ".join(["kdrun", *args])
+    for words, short in SHORT.items():
+        command = command.replace(words, short)
+    shown = [re.sub(r"\{(\w+)\}", lambda m: "$" + m.group(1).upper(), text) for text in (command, expected)]
+    return f"| {name} | {_code(shown[0])} | {_code(shown[1])} | 2 |"
+
+
+def _code(text):
+    """A markdown table cell in code font: `|` escaped, and double backticks when the text has one."""
+    text = text.replace("|", "\\|")
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
+def test_readme_bad_input_table_rows_are_tested_cases():
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    start, end = (text.index(marker) for marker in README_TABLE)
+    rows = [line for line in text[start:end].splitlines() if line.startswith("| ") and not line.startswith("| case")]
+    by_name = {case[0]: readme_row(case) for case in CASES}
+    assert len(rows) >= 30
+    for row in rows:
+        name = row.split(" | ")[0][2:]
+        assert row == by_name.get(name), row

@@ -36,7 +36,10 @@ class NullRecorder:
     def __init__(self):
         self.rows = []
 
-    def epoch_end(self, row, *args):
+    def keep_epochs(self, n):
+        self.rows = self.rows[:n]
+
+    def epoch_end(self, row):
         self.rows.append(row)
 
 
@@ -53,6 +56,30 @@ def test_non_finite_loss_stops_the_run_with_epoch_step_and_lr():
         fit(model, objective, tiny_data(), tiny_data(), opt, sched, epochs=2, batch_size=16, jitter=0,
             generator=torch.Generator().manual_seed(0), recorder=NullRecorder(), progress=False)
     assert str(e.value) == "loss is nan at epoch 1 step 1 (lr=0.1)"
+
+
+def test_a_loss_that_turns_nan_keeps_the_last_good_checkpoint(tmp_path):
+    from kdrun.checkpoint import Checkpointer
+
+    model = MLP([1, 28, 28], 10, [8])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, LrShape(12))
+    steps = []
+
+    def objective(m, batch, progress):  # 4 steps an epoch; the 7th (epoch 2) diverges
+        steps.append(1)
+        logits = m(batch.x)
+        loss = torch.nn.functional.cross_entropy(logits, batch.y)
+        return logits, loss * (float("nan") if len(steps) == 7 else 1.0), {}
+
+    checkpointer = Checkpointer(tmp_path / "last.pt", "key", "a test", resume=True)
+    with pytest.raises(KdrunError, match=r"^loss is nan at epoch 2 step 7 \(lr="):
+        fit(model, objective, tiny_data(), tiny_data(), opt, sched, epochs=3, batch_size=16, jitter=0,
+            generator=torch.Generator().manual_seed(0), recorder=NullRecorder(), checkpointer=checkpointer,
+            progress=False)
+    kept = checkpointer.load()
+    assert (kept["epoch"], kept["step"], kept["batch"]) == (1, 4, 0)
+    assert all(torch.isfinite(v).all() for v in kept["model"].values())
 
 
 def test_fit_logs_every_objective_term_per_epoch():
@@ -258,7 +285,7 @@ def test_train_or_reuse_trains_a_model_once_when_jobs_ask_together(tmp_path):
 
     calls = []
 
-    def train():
+    def train(checkpointer):
         calls.append(1)
         time.sleep(0.3)  # long enough for the other job to arrive while this one trains
         model = tmp_path / f"run{len(calls)}" / "model.pt"

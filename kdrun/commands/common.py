@@ -1,7 +1,6 @@
 """What every command shares: device, data, models, recipes, and training one model to a run dir."""
 
 import functools
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from kdrun.checkpoint import Checkpointer, run_key
 from kdrun.data.batches import DeviceData
 from kdrun.data.transfer import describe, select_rows
 from kdrun.data.sources import check_split_files, load_split, locate, split_fingerprint, stratified_subset
@@ -175,23 +175,26 @@ def _describe(arch):
     return "(" + ", ".join(f"{k}={v}" for k, v in arch.items() if k != "_target_") + ")"
 
 
-def fit_role(cfg, run_dir, role, model, objective, data, train_set):
+def fit_role(cfg, run_dir, role, model, objective, data, train_set, checkpointer=None):
     """Train `model` (on its device) on `train_set` with `objective` and the `role` recipe, recording
-    each epoch in run_dir. Returns (the last epoch's metrics row, seconds)."""
+    each epoch in run_dir and checkpointing to `checkpointer` (default: run_dir/checkpoints/last.pt,
+    resumed when cfg.resume). Returns (the last epoch's metrics row, seconds)."""
     recipe = cfg[role].recipe
     optimizer = instantiate(recipe.optimizer)(model.parameters())  # configs are partials
     steps = recipe.epochs * train_set.n_batches(recipe.batch_size)
     scheduler = instantiate(recipe.scheduler)(optimizer, total_steps=steps)
     generator = torch.Generator().manual_seed(cfg.seed)
     recorder = Recorder(run_dir, f"{cfg.command}:{cfg[role].name}")
-    started = time.perf_counter()
-    last = fit(model, objective, train_set, data.test, optimizer, scheduler, epochs=recipe.epochs,
+    if checkpointer is None:
+        checkpointer = Checkpointer(Path(run_dir) / "checkpoints" / "last.pt", run_key(cfg),
+                                    f"kdrun {cfg.command} of {cfg[role].name}, seed {cfg.seed}", bool(cfg.get("resume")))
+    return fit(model, objective, train_set, data.test, optimizer, scheduler, epochs=recipe.epochs,
                batch_size=recipe.batch_size, jitter=recipe.jitter, flip=recipe.get("flip", False), generator=generator,
-               recorder=recorder, progress=cfg.progress)
-    return last, time.perf_counter() - started
+               recorder=recorder, checkpointer=checkpointer, progress=cfg.progress)
 
 
-def train_model(cfg, run_dir, role, objective, data, train_set, device, extra_results, init=None, saved_as=None):
+def train_model(cfg, run_dir, role, objective, data, train_set, device, extra_results, init=None, saved_as=None,
+                checkpointer=None):
     """Build the `role` model (teacher or student), start it from `init(model)` if given, train it on
     `train_set` with `objective`, save its artifacts (model.pt records `saved_as`, default the role).
     Returns (results, trained model)."""
@@ -200,7 +203,7 @@ def train_model(cfg, run_dir, role, objective, data, train_set, device, extra_re
     if init is not None:
         init(model)
     model = model.to(device)
-    last, seconds = fit_role(cfg, run_dir, role, model, objective, data, train_set)
+    last, seconds = fit_role(cfg, run_dir, role, model, objective, data, train_set, checkpointer)
     return save_trained(cfg, run_dir, role, model, last, seconds, train_set, extra_results, saved_as), model
 
 

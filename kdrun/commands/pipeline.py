@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from kdrun import report, store
+from kdrun import report, resume, store
 from kdrun.commands import distill, soft_targets, train
 from kdrun.commands.common import check_inputs, fold_recipe_overrides, save_config
 from kdrun.errors import KdrunError, first_line
@@ -188,7 +188,10 @@ def run(cfg, run_dir):
             ref = _reference(run_cfg)
             if ref is not None:
                 run_cfg.teacher_ckpt = models[ref][run_cfg.seed]
-            _module(command).run(run_cfg, where, label=name)
+            if cfg.resume and resume.status(where) == "completed":
+                log.info("pipeline: %s is complete; kept", where)
+            else:
+                _module(command).run(run_cfg, where, label=name)
             models[name][run_cfg.seed] = str(where / "model.pt")
     for name, members in (cfg.pipeline.get("ensembles") or {}).items():
         seeds = sorted(models[members[0]])

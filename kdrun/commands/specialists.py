@@ -87,10 +87,10 @@ def _generalist(cfg, run_dir, data, train_rows):
     identity = {**store.teacher_identity(cfg, cfg.seed), "held_out": cfg.transfer.val_size}
     key = content_key(identity)
 
-    def train():
+    def train(checkpointer):
         extra = {"teacher": cfg.teacher.name, "held_out": cfg.transfer.val_size, "teacher_key": key}
         return train_model(cfg, run_dir, "teacher", CrossEntropy(), data, data.train.subset(train_rows),
-                           data.train.device, extra, saved_as={"role": "generalist"})[0]
+                           data.train.device, extra, saved_as={"role": "generalist"}, checkpointer=checkpointer)[0]
 
     path, trained = store.train_or_reuse(cfg.workdir, key, identity, train)
     if trained is None:
@@ -123,12 +123,13 @@ def _specialist(cfg, run_dir, data, train_rows, generalist, generalist_sha, spec
     local = Data(_relabelled(data.train, rows, specialty), _relabelled(data.test, None, specialty), data.shape,
                  specialty.n_outputs, data.transfer)
 
-    def train():
+    def train(checkpointer):
         extra = {"teacher": cfg.teacher.name, "classes": list(specialty.classes), "dustbin_shift": shift,
                  "teacher_key": key, "generalist_sha256": generalist_sha}
         return train_model(scfg, run_dir, "teacher", CrossEntropy(), local, local.train, data.train.device, extra,
                            init=lambda model: init_from_generalist(model, generalist, specialty.classes),
-                           saved_as={"role": "specialist", "classes": list(specialty.classes)})[0]
+                           saved_as={"role": "specialist", "classes": list(specialty.classes)},
+                           checkpointer=checkpointer)[0]
 
     path, _ = store.train_or_reuse(cfg.workdir, key, identity, train)
     model = load_model(path, local, cfg.dataset.name, cfg.teacher.name, arch)[0]

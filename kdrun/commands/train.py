@@ -37,11 +37,12 @@ def run(cfg, run_dir):
 def _train_one(cfg, run_dir):
     key = store.teacher_key(cfg, cfg.seed)
 
-    def train():
+    def train(checkpointer):
         device = resolve_device(cfg.device)
         data = load_data(cfg, device)
         extra = {"teacher": cfg.teacher.name, "student": None, "T": None, "alpha": None, "teacher_key": key}
-        return train_model(cfg, run_dir, "teacher", CrossEntropy(), data, data.train, device, extra)[0]
+        return train_model(cfg, run_dir, "teacher", CrossEntropy(), data, data.train, device, extra,
+                           checkpointer=checkpointer)[0]
 
     path, results = store.train_or_reuse(cfg.workdir, key, store.teacher_identity(cfg, cfg.seed), train, cfg.retrain)
     if results is not None:

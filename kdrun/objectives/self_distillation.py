@@ -25,6 +25,12 @@ class SelfDistillation:
         self.kernel, self.bandwidth, self.detach_targets = mmd_kernel, bandwidth, bool(detach_targets)
         self.generator = torch.Generator().manual_seed(int(seed) + 1)  # not the data order's stream
 
+    def state_dict(self):  # checkpointed with the run, for an exact resume
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+
     def views(self, x):
         return self.distortions(x, self.pixels, self.generator), self.distortions(x, self.pixels, self.generator)
 
