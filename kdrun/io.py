@@ -46,7 +46,41 @@ def read_json(path):
         raise KdrunError(f"cannot read {path}: {e}") from None
 
 
+CHECKSUM = "content_sha256"
+
+
+def content_digest(obj):
+    """sha256 of a payload's content: every tensor's dtype, shape and bytes, and every other value's
+    repr, in key order. PyTorch does not check its archive's CRCs when loading; this catches a file
+    whose numbers changed after kdrun wrote it."""
+    h = hashlib.sha256()
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{t.dtype}{list(x.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                if k != CHECKSUM:
+                    h.update(repr(k).encode())
+                    walk(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for v in x:
+                walk(v)
+            h.update(b"]")
+        else:
+            h.update(repr(x).encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
 def save_torch(path, obj):
+    """torch.save, atomically; a dict payload also records its content_digest."""
+    if isinstance(obj, dict):
+        obj = {**obj, CHECKSUM: content_digest(obj)}
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -67,6 +101,8 @@ def load_torch_and_hash(path, what="checkpoint"):
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged file
         raise KdrunError(f"corrupt {what} {path}: {first_line(e)}") from None
+    if isinstance(payload, dict) and CHECKSUM in payload and payload[CHECKSUM] != content_digest(payload):
+        raise KdrunError(f"corrupt {what} {path}: its content does not match its checksum")
     return payload, hashlib.sha256(data).hexdigest()
 
 

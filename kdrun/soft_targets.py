@@ -8,6 +8,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from kdrun.errors import KdrunError
+from kdrun import __version__
 from kdrun.io import load_torch, save_torch, write_json
 from kdrun.loop import predict
 
@@ -66,7 +67,7 @@ def get_or_compute(path, manifest, teacher, transfer_data, forward=None):
             log.warning("soft targets: %s does not match (%s); recomputing", path, why)
         started = time.perf_counter()
         logits = predict(teacher, transfer_data, forward=forward).float().cpu()
-        save_torch(path, {"logits": logits, "manifest": manifest})
+        save_torch(path, {"logits": logits, "manifest": manifest, "kdrun_version": __version__})
         write_json(path.with_suffix(".json"), manifest)
         log.info("soft targets: wrote %s (%s, %.1fs)", path, " x ".join(map(str, logits.shape)), time.perf_counter() - started)
         return logits

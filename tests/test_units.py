@@ -304,3 +304,24 @@ def test_train_or_reuse_trains_a_model_once_when_jobs_ask_together(tmp_path):
     assert sorted(results is None for _, results in got) == [False, True]  # one trained, one reused
     assert got[0][0] == got[1][0] == tmp_path / "w" / "teachers" / "k1" / "model.pt"
     assert store.train_or_reuse(tmp_path / "w", "k1", {"x": 1}, train, retrain=True)[1] is not None and len(calls) == 2
+
+
+def test_an_artifact_whose_numbers_changed_after_it_was_written_is_refused(tmp_path):
+    from kdrun.io import CHECKSUM, content_digest, load_torch, save_torch
+
+    path = tmp_path / "model.pt"
+    weights = {"w": torch.randn(3, 4), "b": torch.zeros(4, dtype=torch.bfloat16), "step": torch.tensor(7)}
+    save_torch(path, {"model": weights, "arch": {"hidden": [4]}, "epoch": 2})
+    loaded = load_torch(path)
+    assert loaded[CHECKSUM] == content_digest(loaded) and torch.equal(loaded["model"]["w"], weights["w"])
+    original = loaded["model"]["w"].clone()
+    loaded["model"]["w"][1, 2] += 1e-3  # one number edited, the archive rewritten with the old checksum
+    torch.save(loaded, path)
+    with pytest.raises(KdrunError) as e:
+        load_torch(path)
+    assert str(e.value) == f"corrupt checkpoint {path}: its content does not match its checksum"
+    loaded["model"]["w"] = original
+    loaded["epoch"] = 3  # a non-tensor value counts too
+    torch.save(loaded, path)
+    with pytest.raises(KdrunError, match="does not match its checksum"):
+        load_torch(path)
