@@ -325,3 +325,17 @@ def test_an_artifact_whose_numbers_changed_after_it_was_written_is_refused(tmp_p
     torch.save(loaded, path)
     with pytest.raises(KdrunError, match="does not match its checksum"):
         load_torch(path)
+
+
+def test_a_bit_flipped_in_a_saved_tensor_is_caught_although_torch_loads_it(tmp_path):
+    from kdrun.io import load_torch, save_torch
+
+    path = tmp_path / "last.pt"
+    w = torch.arange(1000, dtype=torch.float32)
+    save_torch(path, {"w": w})
+    data = bytearray(path.read_bytes())
+    data[data.find(w.numpy().tobytes()[400:408])] ^= 0xFF  # inside the tensor's record
+    path.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(path, weights_only=True)["w"], w)  # PyTorch itself notices nothing
+    with pytest.raises(KdrunError, match="its content does not match its checksum"):
+        load_torch(path)
