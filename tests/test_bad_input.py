@@ -58,9 +58,18 @@ def world(tmp_path_factory, data_dir):
     shutil.copytree(local_data / "FashionMNIST" / "raw", bad_data)
     labels = bad_data / "train-labels-idx1-ubyte"
     labels.write_bytes(labels.read_bytes()[:-100])
+    # a data dir whose test labels start with another file type's magic number
+    magic_data = root / "magic_data" / "FashionMNIST" / "raw"
+    shutil.copytree(local_data / "FashionMNIST" / "raw", magic_data)
+    test_labels = magic_data / "t10k-labels-idx1-ubyte"
+    test_labels.write_bytes(b"\x00\x00\x08\x03" + test_labels.read_bytes()[4:])
+    # a foreign cache: a valid PyTorch file where the soft targets should be
+    shutil.copytree(root / "work", root / "work_foreign_cache")
+    torch.save({"weights": torch.zeros(3)}, root / "work_foreign_cache" / cache.relative_to(root / "work"))
     (root / "empty_data").mkdir()
     return {"root": root, "env": env, "teacher": teacher, "files": files, "bad_cache": bad_cache,
-            "bad_labels": labels}
+            "bad_labels": labels, "bad_magic": test_labels,
+            "foreign_cache": root / "work_foreign_cache" / cache.relative_to(root / "work")}
 
 
 D = "kdrun distill"
@@ -326,6 +335,10 @@ CASES = [
      "kdrun: error: transfer.only_classes has class 99, but fashion_mnist has classes 0..9"),
     ("hidden-empty", ["train", *QUICK, "teacher.model.hidden=[]"],
      "kdrun: error: teacher.model.hidden must be a non-empty list of integers >= 1, got []"),
+    ("idx-wrong-magic", ["train", *QUICK, "data_dir={root}/magic_data"],
+     "kdrun: error: corrupt IDX file {bad_magic}: bad magic 00000803, expected 00000801"),
+    ("cache-foreign", ["distill", *T30, *QUICK, "workdir={root}/work_foreign_cache"],
+     "kdrun: error: corrupt soft-target cache {foreign_cache}: not a soft-target cache; delete it to recompute"),
     ("resume-not-a-run", ["resume", "{root}/empty_data"],
      "kdrun: error: {root}/empty_data is not a kdrun run or sweep directory (it has no .hydra/config.yaml or multirun.yaml)"),
     ("resume-nothing", ["resume"], "kdrun: error: usage: kdrun resume RUN_DIR|SWEEP_DIR"),
