@@ -84,13 +84,20 @@ def target_name(node):
     return node._target_.rsplit(".", 1)[-1]
 
 
-def check_labelled_transfer(cfg):
-    """self-distill and mutual learn from labels alone: transfer.* may pick rows, not drop labels or
-    ask for a teacher."""
+def check_without_teacher(cfg, objective_key, **build):
+    """Preflight of the commands that learn from labels with no teacher (self-distill, mutual): the
+    data, the student, the objective config at `objective_key` (built with `build`), and transfer.*,
+    which may pick rows but not drop labels or ask for a teacher."""
+    check_inputs(cfg)
     for key, value in (("labels", True), ("augment", False), ("bias_correction", False)):
         if cfg.transfer[key] != value:
             raise KdrunError(f"transfer.{key}={str(cfg.transfer[key]).lower()} is for kdrun distill; kdrun {cfg.command} "
                              "trains on labels, with no teacher")
+    check_buildable(fold_recipe_overrides(cfg, ["student"]), ["student"])
+    try:
+        instantiate(OmegaConf.select(cfg, objective_key), **build)
+    except Exception as e:
+        raise KdrunError(f"invalid {objective_key} config: {first_line(e.__cause__ or e)}") from None
 
 
 def labelled_rows(cfg, data):

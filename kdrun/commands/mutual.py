@@ -8,11 +8,9 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 
-from kdrun.commands.common import (build_model, check_buildable, check_inputs, check_labelled_transfer, fit_role,
-                                   fold_recipe_overrides, labelled_rows, load_data, n_params, resolve_device, save_config,
-                                   save_trained, target_name)
+from kdrun.commands.common import (build_model, check_without_teacher, fit_role, fold_recipe_overrides, labelled_rows,
+                                   load_data, n_params, resolve_device, save_config, save_trained, target_name)
 from kdrun.ensemble import Ensemble
-from kdrun.errors import KdrunError, first_line
 from kdrun.io import write_json
 from kdrun.validate import integer
 
@@ -20,15 +18,8 @@ log = logging.getLogger("kdrun")
 
 
 def preflight(cfg, overrides=()):
-    check_inputs(cfg)
-    check_labelled_transfer(cfg)
     integer("mutual.students", cfg.mutual.students, 2)
-    cfg = fold_recipe_overrides(cfg, ["student"])
-    check_buildable(cfg, ["student"])
-    try:
-        instantiate(cfg.mutual.objective)
-    except Exception as e:
-        raise KdrunError(f"invalid mutual.objective config: {first_line(e.__cause__ or e)}") from None
+    check_without_teacher(cfg, "mutual.objective")
 
 
 def run(cfg, run_dir, label=None):

@@ -3,20 +3,12 @@
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from kdrun.commands.common import (check_buildable, check_inputs, check_labelled_transfer, fold_recipe_overrides, labelled_rows,
-                                   load_data, resolve_device, save_config, target_name, train_model)
-from kdrun.errors import KdrunError, first_line
+from kdrun.commands.common import (check_without_teacher, fold_recipe_overrides, labelled_rows, load_data, resolve_device,
+                                   save_config, target_name, train_model)
 
 
 def preflight(cfg, overrides=()):
-    check_inputs(cfg)
-    check_labelled_transfer(cfg)
-    cfg = fold_recipe_overrides(cfg, ["student"])
-    check_buildable(cfg, ["student"])
-    try:
-        instantiate(cfg.self_distill, pixels=None)
-    except Exception as e:
-        raise KdrunError(f"invalid self_distill config: {first_line(e.__cause__ or e)}") from None
+    check_without_teacher(cfg, "self_distill", pixels=None)
 
 
 def run(cfg, run_dir, label=None):
