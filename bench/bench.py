@@ -1,0 +1,173 @@
+"""kdrun's benchmark: speed as ratios measured side by side in one run, on full Fashion-MNIST.
+
+    python bench/bench.py [--out bench.json] [--epochs 2]
+
+Prints a table and writes bench.json. Every kdrun number comes from the real CLI (`metrics.jsonl`'s
+per-epoch seconds, the last epoch's, so warm-up is left out); the ceiling and the tutorial loop run
+in this process. Standard tools only: torch, torchvision, time."""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+BATCH = 128
+N_TRAIN = 60_000
+MLP1200 = [784, 1200, 1200, 10]
+MLP800 = [784, 800, 800, 10]
+TEST = ["dataset=fashion_mnist", "dataset.test_limit=100", "progress=false", "device=cpu"]  # evaluation ~free
+TEACHER = ["teacher=mlp1200"]
+
+
+def mlp_flops(widths, n):
+    """Forward and backward FLOPs of an MLP's matmuls for n examples: 2 MACs each way, 3 passes."""
+    return 6 * n * sum(a * b for a, b in zip(widths, widths[1:]))
+
+
+def matmul_ceiling(widths, reps=200):
+    """GFLOP/s of exactly the MLP's training GEMMs at batch BATCH (forward X@W, backward dY@W^T and
+    X^T@dY), back to back: the rate the machine gives these shapes."""
+    layers = [(torch.randn(BATCH, a), torch.randn(a, b), torch.randn(BATCH, b)) for a, b in zip(widths, widths[1:])]
+
+    def step():
+        for x, w, dy in layers:
+            x @ w
+            dy @ w.T
+            x.T @ dy
+
+    for _ in range(10):
+        step()
+    started = time.perf_counter()
+    for _ in range(reps):
+        step()
+    return mlp_flops(widths, BATCH) * reps / (time.perf_counter() - started) / 1e9
+
+
+def kdrun(env, *args):
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "kdrun", *args], env=env, check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def last_run(workdir, command):
+    return max((Path(workdir) / "runs" / command).iterdir(), key=lambda p: p.stat().st_mtime)
+
+
+def epoch_seconds(run_dir):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return rows[-1]["seconds"]
+
+
+def tutorial_epoch_seconds(data_dir, epochs):
+    """The same mlp1200 (dropout, max-norm, SGD, batch 128) in the loop of a PyTorch tutorial:
+    torchvision dataset, ToTensor, a DataLoader with workers. No jitter: that is in kdrun's favour."""
+    from torchvision import datasets, transforms
+
+    from kdrun.models import MLP
+
+    ds = datasets.FashionMNIST(data_dir, train=True, download=False, transform=transforms.ToTensor())
+    loader = torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=2)
+    model = MLP([1, 28, 28], 10, [1200, 1200], dropout_input=0.2, dropout_hidden=0.5, max_norm=3.873)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    seconds = []
+    for _ in range(epochs):
+        started = time.perf_counter()
+        model.train()
+        for x, y in loader:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            model.constrain()
+        seconds.append(time.perf_counter() - started)
+    return seconds[-1]
+
+
+def inference(model_path, batch, reps):
+    from kdrun.commands.common import build_model
+
+    payload = torch.load(model_path, weights_only=True)
+    model = build_model(payload["arch"], (1, 28, 28), 10)
+    model.load_state_dict(payload["model"])
+    model.eval()
+    x = torch.randn(batch, 1, 28, 28)
+    times = []
+    with torch.no_grad():
+        for _ in range(reps + 5):
+            started = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - started)
+    return statistics.median(times[5:]), sum(p.numel() for p in model.parameters())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench.json")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs of each timed training (the last is timed)")
+    args = parser.parse_args()
+    data_dir = os.environ.get("KDRUN_DATA", "data")
+    workdir = tempfile.mkdtemp(prefix="kdrun-bench-")
+    env = {**os.environ, "KDRUN_WORKDIR": workdir, "KDRUN_DATA": data_dir}
+    e = [f"epochs={args.epochs}"]
+    r = {"threads": torch.get_num_threads(), "epochs": args.epochs}
+
+    r["help_startup_s"] = statistics.median(kdrun(env, "distill", "--help") for _ in range(3))
+    r["matmul_gflops"] = matmul_ceiling(MLP1200)
+    r["matmul_gflops_mlp800"] = matmul_ceiling(MLP800)
+
+    kdrun(env, "train", *TEACHER, *TEST, f"teacher.recipe.epochs={args.epochs}")
+    teacher_s = epoch_seconds(last_run(workdir, "train"))
+    kdrun(env, "distill", *TEACHER, *TEST, f"teacher.recipe.epochs={args.epochs}", *e, "alpha=0")
+    alone_run = last_run(workdir, "distill")
+    alone_s = epoch_seconds(alone_run)
+    kdrun(env, "distill", *TEACHER, *TEST, f"teacher.recipe.epochs={args.epochs}", *e, "T=4")
+    cached_run = last_run(workdir, "distill")
+    cached_s = epoch_seconds(cached_run)
+    # the online teacher runs on the student's jittered batch: against the student alone with that jitter
+    jitter = [f"teacher.recipe.epochs={args.epochs}", *e, "student.recipe.jitter=2"]
+    kdrun(env, "distill", *TEACHER, *TEST, *jitter, "T=4", "transfer.augment=true")
+    online_s = epoch_seconds(last_run(workdir, "distill"))
+    kdrun(env, "distill", *TEACHER, *TEST, *jitter, "alpha=0")
+    alone_jitter_s = epoch_seconds(last_run(workdir, "distill"))
+
+    r["teacher_samples_per_s"] = N_TRAIN / teacher_s
+    r["teacher_gflops"] = mlp_flops(MLP1200, N_TRAIN) / teacher_s / 1e9
+    r["teacher_frac_of_peak"] = r["teacher_gflops"] / r["matmul_gflops"]
+    r["student_samples_per_s"] = N_TRAIN / alone_s
+    r["student_gflops"] = mlp_flops(MLP800, N_TRAIN) / alone_s / 1e9
+    r["student_frac_of_peak"] = r["student_gflops"] / r["matmul_gflops_mlp800"]
+    r["tutorial_epoch_s"] = tutorial_epoch_seconds(data_dir, args.epochs)
+    r["kdrun_teacher_epoch_s"] = teacher_s
+    r["speedup_vs_tutorial"] = r["tutorial_epoch_s"] / teacher_s
+    r["distill_cached_over_alone"] = cached_s / alone_s
+    r["distill_online_over_alone"] = online_s / alone_jitter_s
+
+    one = kdrun(env, "distill", *TEACHER, *TEST, f"teacher.recipe.epochs={args.epochs}", "epochs=1", "alpha=0")
+    sweep = kdrun(env, "distill", "-m", *TEACHER, *TEST, f"teacher.recipe.epochs={args.epochs}", "epochs=1",
+                  "T=1,2,5,10,20")
+    r["sweep5_over_5x_alone"] = sweep / (5 * one)
+
+    teacher_b1, r["teacher_params"] = inference(next(Path(workdir, "teachers").glob("*/model.pt")), 1, 300)
+    student_b1, r["student_params"] = inference(cached_run / "model.pt", 1, 300)
+    teacher_big, _ = inference(next(Path(workdir, "teachers").glob("*/model.pt")), 1024, 30)
+    student_big, _ = inference(cached_run / "model.pt", 1024, 30)
+    r["student_latency_speedup_b1"] = teacher_b1 / student_b1
+    r["student_throughput_speedup_b1024"] = teacher_big / student_big
+    r["teacher_latency_b1_ms"], r["student_latency_b1_ms"] = teacher_b1 * 1e3, student_b1 * 1e3
+
+    Path(args.out).write_text(json.dumps(r, indent=2, sort_keys=True) + "\n")
+    width = max(map(len, r))
+    for k, v in r.items():
+        print(f"{k.ljust(width)}  {v:.3f}" if isinstance(v, float) and not math.isnan(v) else f"{k.ljust(width)}  {v}")
+
+
+if __name__ == "__main__":
+    main()
