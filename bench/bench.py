@@ -3,8 +3,8 @@
     python bench/bench.py [--out bench.json] [--epochs 2]
 
 Prints a table and writes bench.json. Every kdrun number comes from the real CLI (`metrics.jsonl`'s
-per-epoch seconds, the last epoch's, so warm-up is left out); the ceiling and the tutorial loop run
-in this process. Standard tools only: torch, torchvision, time."""
+per-epoch seconds, the last epoch's, so warm-up is left out); the distillation ratios are medians of
+interleaved repeats; the ceiling and the tutorial loop run in this process. Standard tools only: torch, torchvision, time."""
 
 import argparse
 import json
@@ -112,12 +112,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--epochs", type=int, default=2, help="epochs of each timed training (the last is timed)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the distillation ratios (median)")
     args = parser.parse_args()
     data_dir = os.environ.get("KDRUN_DATA", "data")
     workdir = tempfile.mkdtemp(prefix="kdrun-bench-")
     env = {**os.environ, "KDRUN_WORKDIR": workdir, "KDRUN_DATA": data_dir}
     e = [f"epochs={args.epochs}"]
-    r = {"threads": torch.get_num_threads(), "epochs": args.epochs}
+    r = {"threads": torch.get_num_threads(), "epochs": args.epochs, "repeats": args.repeats}
 
     r["help_startup_s"] = statistics.median(kdrun(env, "distill", "--help") for _ in range(3))
     r["matmul_gflops"] = matmul_ceiling(MLP1200)
@@ -125,18 +126,20 @@ def main():
 
     kdrun(env, "train", *TEACHER, *TEST, f"teacher.recipe.epochs={args.epochs}")
     teacher_s = epoch_seconds(last_run(workdir, "train"))
-    kdrun(env, "distill", *TEACHER, *TEST, f"teacher.recipe.epochs={args.epochs}", *e, "alpha=0")
-    alone_run = last_run(workdir, "distill")
-    alone_s = epoch_seconds(alone_run)
-    kdrun(env, "distill", *TEACHER, *TEST, f"teacher.recipe.epochs={args.epochs}", *e, "T=4")
-    cached_run = last_run(workdir, "distill")
-    cached_s = epoch_seconds(cached_run)
-    # the online teacher runs on the student's jittered batch: against the student alone with that jitter
-    jitter = [f"teacher.recipe.epochs={args.epochs}", *e, "student.recipe.jitter=2"]
-    kdrun(env, "distill", *TEACHER, *TEST, *jitter, "T=4", "transfer.augment=true")
-    online_s = epoch_seconds(last_run(workdir, "distill"))
-    kdrun(env, "distill", *TEACHER, *TEST, *jitter, "alpha=0")
-    alone_jitter_s = epoch_seconds(last_run(workdir, "distill"))
+    base = [*TEACHER, *TEST, f"teacher.recipe.epochs={args.epochs}", *e]
+    jitter = [*base, "student.recipe.jitter=2"]  # the online teacher runs on the student's jittered batch
+    runs = {"alone": [*base, "alpha=0"], "cached": [*base, "T=4"],
+            "alone_jitter": [*jitter, "alpha=0"], "online": [*jitter, "T=4", "transfer.augment=true"]}
+    seconds = {name: [] for name in runs}
+    for _ in range(args.repeats):  # interleaved, so that the machine's drift hits each alike
+        for name, words in runs.items():
+            kdrun(env, "distill", *words)
+            seconds[name].append(epoch_seconds(last_run(workdir, "distill")))
+            if name == "cached":
+                cached_run = last_run(workdir, "distill")
+    alone_s = statistics.median(seconds["alone"])
+    r["distill_cached_over_alone"] = statistics.median(c / a for c, a in zip(seconds["cached"], seconds["alone"]))
+    r["distill_online_over_alone"] = statistics.median(o / a for o, a in zip(seconds["online"], seconds["alone_jitter"]))
 
     r["teacher_samples_per_s"] = N_TRAIN / teacher_s
     r["teacher_gflops"] = mlp_flops(MLP1200, N_TRAIN) / teacher_s / 1e9
@@ -147,8 +150,6 @@ def main():
     r["tutorial_epoch_s"] = tutorial_epoch_seconds(data_dir, args.epochs)
     r["kdrun_teacher_epoch_s"] = teacher_s
     r["speedup_vs_tutorial"] = r["tutorial_epoch_s"] / teacher_s
-    r["distill_cached_over_alone"] = cached_s / alone_s
-    r["distill_online_over_alone"] = online_s / alone_jitter_s
 
     one = kdrun(env, "distill", *TEACHER, *TEST, f"teacher.recipe.epochs={args.epochs}", "epochs=1", "alpha=0")
     sweep = kdrun(env, "distill", "-m", *TEACHER, *TEST, f"teacher.recipe.epochs={args.epochs}", "epochs=1",
