@@ -117,16 +117,16 @@ def main():
     data_dir = os.environ.get("KDRUN_DATA", "data")
     workdir = tempfile.mkdtemp(prefix="kdrun-bench-")
     env = {**os.environ, "KDRUN_WORKDIR": workdir, "KDRUN_DATA": data_dir}
-    e = [f"epochs={args.epochs}"]
     r = {"threads": torch.get_num_threads(), "epochs": args.epochs, "repeats": args.repeats}
 
     r["help_startup_s"] = statistics.median(kdrun(env, "distill", "--help") for _ in range(3))
     r["matmul_gflops"] = matmul_ceiling(MLP1200)
     r["matmul_gflops_mlp800"] = matmul_ceiling(MLP800)
 
-    kdrun(env, "train", *TEACHER, *TEST, f"teacher.recipe.epochs={args.epochs}")
+    quick = [*TEACHER, *TEST, f"teacher.recipe.epochs={args.epochs}"]  # every command finds this one teacher
+    kdrun(env, "train", *quick)
     teacher_s = epoch_seconds(last_run(workdir, "train"))
-    base = [*TEACHER, *TEST, f"teacher.recipe.epochs={args.epochs}", *e]
+    base = [*quick, f"epochs={args.epochs}"]
     jitter = [*base, "student.recipe.jitter=2"]  # the online teacher runs on the student's jittered batch
     runs = {"alone": [*base, "alpha=0"], "cached": [*base, "T=4"],
             "alone_jitter": [*jitter, "alpha=0"], "online": [*jitter, "T=4", "transfer.augment=true"]}
@@ -151,14 +151,14 @@ def main():
     r["kdrun_teacher_epoch_s"] = teacher_s
     r["speedup_vs_tutorial"] = r["tutorial_epoch_s"] / teacher_s
 
-    one = kdrun(env, "distill", *TEACHER, *TEST, f"teacher.recipe.epochs={args.epochs}", "epochs=1", "alpha=0")
-    sweep = kdrun(env, "distill", "-m", *TEACHER, *TEST, f"teacher.recipe.epochs={args.epochs}", "epochs=1",
-                  "T=1,2,5,10,20")
+    one = kdrun(env, "distill", *quick, "epochs=1", "alpha=0")
+    sweep = kdrun(env, "distill", "-m", *quick, "epochs=1", "T=1,2,5,10,20")
     r["sweep5_over_5x_alone"] = sweep / (5 * one)
 
-    teacher_b1, r["teacher_params"] = inference(next(Path(workdir, "teachers").glob("*/model.pt")), 1, 300)
+    teacher_path = next(Path(workdir, "teachers").glob("*/model.pt"))
+    teacher_b1, r["teacher_params"] = inference(teacher_path, 1, 300)
     student_b1, r["student_params"] = inference(cached_run / "model.pt", 1, 300)
-    teacher_big, _ = inference(next(Path(workdir, "teachers").glob("*/model.pt")), 1024, 30)
+    teacher_big, _ = inference(teacher_path, 1024, 30)
     student_big, _ = inference(cached_run / "model.pt", 1024, 30)
     r["student_latency_speedup_b1"] = teacher_b1 / student_b1
     r["student_throughput_speedup_b1024"] = teacher_big / student_big
