@@ -27,9 +27,15 @@ TEST = ["dataset=fashion_mnist", "dataset.test_limit=100", "progress=false", "de
 TEACHER = ["teacher=mlp1200"]
 
 
-def mlp_flops(widths, n):
-    """Forward and backward FLOPs of an MLP's matmuls for n examples: 2 MACs each way, 3 passes."""
+def gemm_flops(widths, n):
+    """FLOPs of an MLP's three GEMMs per layer (forward, input gradient, weight gradient) for n examples."""
     return 6 * n * sum(a * b for a, b in zip(widths, widths[1:]))
+
+
+def training_flops(widths, n):
+    """FLOPs a training step really computes: every GEMM but the first layer's input gradient (the
+    images need none, and autograd skips it)."""
+    return gemm_flops(widths, n) - 2 * n * widths[0] * widths[1]
 
 
 def matmul_ceiling(widths, reps=200):
@@ -48,7 +54,7 @@ def matmul_ceiling(widths, reps=200):
     started = time.perf_counter()
     for _ in range(reps):
         step()
-    return mlp_flops(widths, BATCH) * reps / (time.perf_counter() - started) / 1e9
+    return gemm_flops(widths, BATCH) * reps / (time.perf_counter() - started) / 1e9
 
 
 def kdrun(env, *args):
@@ -126,6 +132,8 @@ def main():
     quick = [*TEACHER, *TEST, f"teacher.recipe.epochs={args.epochs}"]  # every command finds this one teacher
     kdrun(env, "train", *quick)
     teacher_s = epoch_seconds(last_run(workdir, "train"))
+    kdrun(env, "train", *quick, "precision=bf16")  # autocast: bfloat16 GEMMs where the CPU has them (avx512_bf16)
+    r["teacher_bf16_speedup"] = teacher_s / epoch_seconds(last_run(workdir, "train"))
     base = [*quick, f"epochs={args.epochs}"]
     jitter = [*base, "student.recipe.jitter=2"]  # the online teacher runs on the student's jittered batch
     runs = {"alone": [*base, "alpha=0"], "cached": [*base, "T=4"],
@@ -142,10 +150,10 @@ def main():
     r["distill_online_over_alone"] = statistics.median(o / a for o, a in zip(seconds["online"], seconds["alone_jitter"]))
 
     r["teacher_samples_per_s"] = N_TRAIN / teacher_s
-    r["teacher_gflops"] = mlp_flops(MLP1200, N_TRAIN) / teacher_s / 1e9
+    r["teacher_gflops"] = training_flops(MLP1200, N_TRAIN) / teacher_s / 1e9
     r["teacher_frac_of_peak"] = r["teacher_gflops"] / r["matmul_gflops"]
     r["student_samples_per_s"] = N_TRAIN / alone_s
-    r["student_gflops"] = mlp_flops(MLP800, N_TRAIN) / alone_s / 1e9
+    r["student_gflops"] = training_flops(MLP800, N_TRAIN) / alone_s / 1e9
     r["student_frac_of_peak"] = r["student_gflops"] / r["matmul_gflops_mlp800"]
     r["tutorial_epoch_s"] = tutorial_epoch_seconds(data_dir, args.epochs)
     r["kdrun_teacher_epoch_s"] = teacher_s
@@ -153,7 +161,10 @@ def main():
 
     one = kdrun(env, "distill", *quick, "epochs=1", "alpha=0")
     sweep = kdrun(env, "distill", "-m", *quick, "epochs=1", "T=1,2,5,10,20")
+    fused = kdrun(env, "distill", *quick, "epochs=1", "sweep.fused=true", "T=[1,2,5,10,20]")
     r["sweep5_over_5x_alone"] = sweep / (5 * one)
+    r["sweep5_fused_over_5x_alone"] = fused / (5 * one)
+    r["sweep5_fused_over_sweep5"] = fused / sweep
 
     teacher_path = next(Path(workdir, "teachers").glob("*/model.pt"))
     teacher_b1, r["teacher_params"] = inference(teacher_path, 1, 300)

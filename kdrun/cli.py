@@ -10,10 +10,12 @@ import importlib
 import logging
 import os
 import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
-from kdrun import interrupt
+from kdrun import distributed, interrupt
 from kdrun.errors import KdrunError, StorageError, first_line, usage_error
 
 COMMANDS = {  # command word -> (primary config, module)
@@ -30,6 +32,7 @@ PLAIN_COMMANDS = {"report": "summarise results.json files (sweeps, runs, a workd
                   "resume": "finish a stopped run, pipeline or sweep from its checkpoints: kdrun resume DIR"}
 # schedule group -> the top-level value it schedules (T and alpha are what users type)
 SCHEDULE_GROUPS = {"temperature": "T", "alpha_schedule": "alpha"}
+TORCHRUN_COMMANDS = ("distill",)  # what runs data-parallel under torchrun (see kdrun.distributed)
 NOT_CHOSEN_DIRECTLY = {"model": "teacher=NAME or student=NAME", "recipe": "teacher.recipe.KEY=VALUE or epochs=N"}
 
 log = logging.getLogger("kdrun")
@@ -131,13 +134,36 @@ def sweep_points(parsed):
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
+def check_torchrun(command, multirun=False, cfg=None):
+    """Under torchrun (WORLD_SIZE > 1), refuse what cannot run data-parallel, before any process joins
+    the process group or writes anything: another command, a sweep (-m or fused), a resume. (kdrun train
+    would deadlock: rank 0 trains a teacher holding the store's lock that the other ranks wait for.)"""
+    if distributed.world_size() == 1:
+        return
+    if command not in TORCHRUN_COMMANDS:
+        allowed = " and ".join(f"kdrun {c}" for c in TORCHRUN_COMMANDS)
+        raise KdrunError(f"kdrun {command} does not run under torchrun (only {allowed} does); run it as one process")
+    if multirun:
+        raise KdrunError("-m (a sweep) does not run under torchrun; start one torchrun per point of the sweep")
+    if cfg is None:
+        return
+    from omegaconf import OmegaConf
+
+    if cfg.get("resume"):
+        raise KdrunError("resume=true does not run under torchrun; resume the run as one process: kdrun resume RUN_DIR")
+    if OmegaConf.select(cfg, "sweep.fused", default=False) is True:
+        raise KdrunError("sweep.fused=true does not run under torchrun; run the fused sweep as one process")
+
+
 def preflight(command, overrides, multirun):
     """Compose and check every job before Hydra writes anything."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from kdrun.sweep import points
     from kdrun.validate import validate
 
+    check_torchrun(command, multirun)
     config_name, module_name = COMMANDS[command]
     parsed = OverridesParser.create().parse_overrides(overrides)
     _check_group_choices(parsed)
@@ -145,10 +171,11 @@ def preflight(command, overrides, multirun):
     module = importlib.import_module(module_name)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name=config_name):
         for job in jobs:
-            cfg = compose(config_name=config_name, overrides=job)
-            validate(cfg)
-            if hasattr(module, "preflight"):
-                module.preflight(cfg, job)
+            for cfg in points(compose(config_name=config_name, overrides=job)):  # a fused sweep's students
+                validate(cfg)
+                check_torchrun(command, cfg=cfg)
+                if hasattr(module, "preflight"):
+                    module.preflight(cfg, job)
     return len(jobs)
 
 
@@ -205,6 +232,10 @@ def run_hydra(command, argv):
         run_dir = Path(hc.runtime.output_dir)
         interrupt.set_resume_dir(hc.sweep.dir if hc.mode == RunMode.MULTIRUN else run_dir)
         try:
+            if distributed.world_size() > 1:
+                from kdrun.commands.common import resolve_device
+
+                distributed.init(resolve_device(cfg.device))
             return module.run(cfg, run_dir)
         except interrupt.Interrupted as e:
             _record_failure(run_dir, cfg, f"interrupted by {e}", status="interrupted")
@@ -221,6 +252,10 @@ def run_hydra(command, argv):
 
     LAST_SWEEP.clear()
     app = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=config_name)(task)
+    scratch = None
+    if not distributed.is_main():  # under torchrun only rank 0 writes: the others' run dirs are private
+        scratch = tempfile.mkdtemp(prefix=f"kdrun-rank{distributed.rank()}-")
+        argv = [*argv, f"hydra.run.dir='{scratch}'", "hydra.output_subdir=null", "hydra.job_logging.root.level=WARNING"]
     saved = sys.argv
     sys.argv = ["kdrun", *argv]
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach `main`, which prints one line
@@ -228,6 +263,9 @@ def run_hydra(command, argv):
         app()
     finally:
         sys.argv = saved
+        distributed.close()
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
     if failures:
         raise failures[0]
     failed = [row for row in LAST_SWEEP if row["status"] != "completed"]
@@ -266,6 +304,8 @@ def dispatch(argv):
         print(f"kdrun {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
+    if command in COMMANDS or command in PLAIN_COMMANDS:
+        check_torchrun(command)
     if command == "report":
         from kdrun import report
 

@@ -3,7 +3,7 @@ self-distillation (Xu & Liu 2019). Each view draws its own shifts, flips, noise 
 
 import torch
 
-from kdrun.data.batches import random_flip, random_shift
+from kdrun.data.batches import random_flip, random_shift, to_device
 
 
 class Distortions:
@@ -34,7 +34,7 @@ class Distortions:
         if self.flip:
             x = random_flip(x, generator)
         if self.noise:
-            noise = torch.randn(x.shape, generator=generator).to(x.device, non_blocking=True)
+            noise = to_device(torch.randn(x.shape, generator=generator), x.device)
             x = (x + self.noise * noise).clamp_(0, 1)
         if self.erase:
             x = random_erase(x, self.erase, generator)
@@ -56,5 +56,5 @@ def random_erase(x, p, generator, scale=(0.02, 0.33), ratio=(0.3, 3.3)):
     cols = torch.arange(w)[None, :]
     in_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])
     in_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])
-    mask = (in_rows[:, :, None] & in_cols[:, None, :] & on[:, None, None]).to(x.device, non_blocking=True)
+    mask = to_device(in_rows[:, :, None] & in_cols[:, None, :] & on[:, None, None], x.device)
     return x.masked_fill(mask[:, None], 0.0)

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from kdrun import interrupt
+from kdrun import distributed, interrupt
 from kdrun.checkpoint import rng_state, set_rng_state
 from kdrun.errors import KdrunError
 
@@ -36,14 +36,50 @@ def evaluate(model, data, batch_size=1000):
     return {"test_errors": errors, "n_test": n, "test_accuracy": 1 - errors / n, **out}
 
 
+class FiniteLoss:
+    """Stops training at the first non-finite loss, naming its epoch, step and lr. On the CPU it looks at
+    every step (that costs nothing there); on an accelerator it keeps the step's loss and looks at the
+    epoch's losses at once before anything is saved, so that no step waits for the device."""
+
+    def __init__(self, device):
+        self.eager, self.pending = device.type == "cpu", []
+
+    def observe(self, loss, epoch, step, lr):
+        if self.eager:
+            if not torch.isfinite(loss):
+                self._fail(loss, epoch, step, lr)
+        else:
+            self.pending.append((loss.detach(), epoch, step, lr))
+
+    def check(self):
+        """Raise for the first non-finite loss seen since the last check."""
+        if self.pending:
+            finite = torch.isfinite(torch.stack([loss for loss, *_ in self.pending])).tolist()
+            if not all(finite):
+                self._fail(*self.pending[finite.index(False)])
+            self.pending.clear()
+
+    @staticmethod
+    def _fail(loss, epoch, step, lr):
+        raise KdrunError(f"loss is {float(loss.detach())} at epoch {epoch + 1} step {step + 1} (lr={lr:.3g})")
+
+
 def fit(model, objective, train, test, optimizer, scheduler, *, epochs, batch_size, jitter, generator, flip=False,
-        recorder, checkpointer=None, progress="auto"):
+        recorder, checkpointer=None, progress="auto", precision="fp32", compile=False):
     """Train for `epochs`; after each epoch evaluate on `test`, hand a metrics row to `recorder` and save
     a checkpoint. A signal (see kdrun.interrupt) ends the current step, checkpoints mid-epoch and raises
     Interrupted. With a checkpoint to resume, training continues exactly where it stopped.
+    precision="bf16" runs the objective under autocast (bfloat16 matmuls, float32 weights and losses);
+    compile=True runs the model through torch.compile.
     Returns (the last epoch's metrics row, seconds spent in this loop over all sessions)."""
     steps_per_epoch = train.n_batches(batch_size)
     total_steps = epochs * steps_per_epoch
+    distributed.check_batches(len(train), batch_size)
+    if compile:
+        model.compile()  # in place: state_dict keys and checkpoints stay those of the plain model
+    net = distributed.wrap(model)  # under torchrun, DistributedDataParallel (see kdrun.distributed)
+    finite = FiniteLoss(train.device)
+    autocast = torch.autocast(train.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     resumed = checkpointer.load() if checkpointer else None
     start_epoch, step, skip, row, elapsed = 0, 0, 0, {}, 0.0
     if resumed is not None:
@@ -55,7 +91,7 @@ def fit(model, objective, train, test, optimizer, scheduler, *, epochs, batch_si
         if not skip:
             set_rng_state(resumed["rng"], generator, objective)
     recorder.keep_epochs(start_epoch)
-    show_bars = sys.stderr.isatty() if progress == "auto" else bool(progress)
+    show_bars = (sys.stderr.isatty() if progress == "auto" else bool(progress)) and distributed.is_main()
     epoch_bar = tqdm(range(start_epoch, epochs), desc=recorder.name, unit="epoch", disable=not show_bars,
                      initial=start_epoch, total=epochs)
     session_started = time.perf_counter()
@@ -85,27 +121,30 @@ def fit(model, objective, train, test, optimizer, scheduler, *, epochs, batch_si
                 correct += resumed["correct"].to(train.device)
             for i, batch in enumerate(tqdm(batches, total=steps_per_epoch, initial=skip, leave=False, unit="batch",
                                            disable=not show_bars), start=skip + 1):
-                logits, loss, logs = objective(model, batch, step / total_steps)
-                if not torch.isfinite(loss):
-                    lr = optimizer.param_groups[0]["lr"]
-                    raise KdrunError(f"loss is {float(loss.detach())} at epoch {epoch + 1} step {step + 1} (lr={lr:.3g})")
+                n_global, batch = batch.x.shape[0], distributed.shard(batch)  # under torchrun, this rank's slice
+                with autocast:
+                    logits, loss, logs = objective(net, batch, step / total_steps)
+                finite.observe(loss, epoch, step, optimizer.param_groups[0]["lr"])
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                distributed.scaled(loss, batch.x.shape[0], n_global).backward()
                 optimizer.step()
                 scheduler.step()
                 model.constrain()
                 n = batch.x.shape[0]
-                sums["loss"] = sums["loss"] + loss.detach() * n
+                sums["loss"] = sums["loss"] + loss.detach().float() * n  # float: a bf16 sum would drift
                 for k, v in logs.items():
-                    sums[k] = sums[k] + v * n
+                    sums[k] = sums[k] + (v.float() if torch.is_tensor(v) else v) * n
                 if batch.y is not None:
                     correct += (logits.argmax(1) == batch.y).sum()
                 step += 1
                 if interrupt.pending() and i < steps_per_epoch:
-                    if checkpointer:
+                    finite.check()
+                    if checkpointer and distributed.world_size() == 1:  # under torchrun the sums are this rank's
                         checkpointer.save(state(epoch, i, epoch_rng, sums, correct))
                     interrupt.check()
             skip = 0
+            finite.check()
+            sums, correct = distributed.reduce_epoch(sums, correct)
             n_train = len(train)
             row = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"]}
             row.update({k: float(v) / n_train for k, v in sums.items()})

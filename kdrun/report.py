@@ -62,7 +62,7 @@ def collect(paths):
     for path in map(Path, paths):
         for f in [path] if path.is_file() else sorted(path.rglob("results.json")):
             r = read_json(f)
-            if r.get("command") not in COMMANDS:
+            if r.get("command") not in COMMANDS or r.get("role") == "fused sweep":  # its students are runs
                 continue
             r = {**r, "role": role(r)}
             if r["role"] == "teacher":
@@ -303,9 +303,14 @@ def write_sweep_summary(sweep_dir, task_overrides):
         result = read_json(job / "results.json") if (job / "results.json").is_file() else {"status": "missing"}
         rows.append({"job": job.name, **{k: values.get(k) for k in swept},
                      **{k: result.get(k) for k in ("status", "test_accuracy", "test_errors", "wall_s", "error")}})
+    return write_summary(sweep_dir, swept, rows)
+
+
+def write_summary(sweep_dir, swept, rows):
+    """summary.csv of a sweep's jobs: job, the swept keys, status, test accuracy and errors, wall time."""
     fields = ["job", *swept, "status", "test_accuracy", "test_errors", "wall_s", "error"]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(Path(sweep_dir) / "summary.csv", lambda f: f.write(buf.getvalue()), mode="w")

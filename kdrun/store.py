@@ -104,15 +104,15 @@ def missing_teacher_message(cfg, seed, command, suggest_seed=True):
     want = _flatten(identity)
     near = []
     for meta in sorted((Path(cfg.workdir) / "teachers").glob("*/teacher.json")):
-        identity = read_json(meta).get("identity", {})
-        if set(identity) != {"teacher", "dataset", "seed"}:  # a generalist, a specialist, an ensemble
+        stored = read_json(meta).get("identity", {})
+        if set(stored) != {"teacher", "dataset", "seed"}:  # a generalist, a specialist, an ensemble
             continue
-        have = _flatten(identity)
+        have = _flatten(stored)
         if have.get("teacher.name") == want["teacher.name"] and have.get("dataset.name") == want["dataset.name"]:
             diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
             if "seed" in diff and not suggest_seed:
                 continue
-            near.append((len(diff), " ".join(_override(k, have.get(k)) for k in diff)))
+            near.append((len(diff), " ".join(_override(k, have[k]) if k in have else f"~{k}" for k in diff)))
     msg = (f"no trained teacher {cfg.teacher.name} for {cfg.dataset.name} with seed {seed} and this recipe "
            f"(key {content_key(identity)}); train it with: {command}")
     if near:

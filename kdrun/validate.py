@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 from kdrun.errors import KdrunError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("fp32", "bf16")
 
 
 def _number(name, value):
@@ -72,6 +73,12 @@ def model_spec(role, spec):
     integer(f"{role}.recipe.jitter", r.jitter, 0)
     boolean(f"{role}.recipe.flip", r.get("flip", False))
     _positive(f"{role}.recipe.optimizer.lr", r.optimizer.lr)
+    _choice(f"{role}.recipe.precision", r.get("precision", "fp32"), PRECISIONS)
+
+
+def _choice(name, value, options):
+    if value not in options:
+        raise KdrunError(f"{name} must be one of {', '.join(options)}, got {value!r}")
 
 
 def validate(cfg):
@@ -87,8 +94,10 @@ def validate(cfg):
         _positive("lr", cfg.lr)
     integer("seed", cfg.seed, 0)
     integer("teacher_seed", cfg.teacher_seed, 0)
-    for key in ("retrain", "resume"):
+    for key in ("retrain", "resume", "compile"):
         boolean(key, cfg[key])
+    if cfg.precision is not None:
+        _choice("precision", cfg.precision, PRECISIONS)
     if cfg.device not in DEVICES:
         raise KdrunError(f"device must be one of {', '.join(DEVICES)}, got {cfg.device!r}")
     ds = cfg.dataset

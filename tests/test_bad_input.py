@@ -344,6 +344,25 @@ CASES = [
     ("resume-nothing", ["resume"], "kdrun: error: usage: kdrun resume RUN_DIR|SWEEP_DIR"),
     ("resume-two-dirs", ["resume", "{root}", "{root}"], "kdrun: error: usage: kdrun resume RUN_DIR|SWEEP_DIR"),
     ("resume-as-a-key", ["distill", *QUICK, "resume=yes"], "kdrun: error: resume must be true or false, got 'yes'"),
+    # fused sweeps
+    ("fused-list-without-flag", ["distill", *T30, *QUICK, "T=[2,5]"],
+     "kdrun: error: T=[2, 5] is a list: train its values together with sweep.fused=true, or one after another with -m T=2,5"),
+    ("fused-seed-list", ["distill", *T30, *QUICK, "sweep.fused=true", "T=[2,5]", "seed=[0,1]"],
+     "kdrun: error: sweep.fused=true trains students that differ in T or alpha (one data order, one initialisation); "
+     "sweep seeds with -m seed=0,1"),
+    ("fused-not-boolean", ["distill", *T30, *QUICK, "sweep.fused=yes"],
+     "kdrun: error: sweep.fused must be true or false, got 'yes'"),
+    ("fused-dropout", ["distill", *T30, *QUICK, "sweep.fused=true", "T=[2,5]", "student.model.dropout_hidden=0.5"],
+     "kdrun: error: sweep.fused=true needs a student without dropout (mlp800 has it): fused students cannot draw the "
+     "masks or keep the statistics their own runs would; sweep with -m"),
+    ("fused-bad-point", ["distill", *T30, *QUICK, "sweep.fused=true", "T=[2,-1]"], "kdrun: error: T must be > 0, got -1"),
+    ("fused-empty", ["distill", *T30, *QUICK, "sweep.fused=true", "T=[]"], "kdrun: error: T=[] lists no values"),
+    ("precision-unknown", ["distill", *T30, *QUICK, "precision=fp16"],
+     "kdrun: error: precision must be one of fp32, bf16, got 'fp16'"),
+    ("recipe-precision-unknown", ["train", *QUICK, "teacher.recipe.precision=half"],
+     "kdrun: error: teacher.recipe.precision must be one of fp32, bf16, got 'half'"),
+    ("compile-not-boolean", ["distill", *T30, *QUICK, "compile=maybe"],
+     "kdrun: error: compile must be true or false, got 'maybe'"),
     ("idx-truncated", ["train", *QUICK, "data_dir={root}/bad_data"],
      "kdrun: error: corrupt IDX file {bad_labels}: expected 60008 bytes for shape [60000], found 59908"),
 ]
@@ -404,3 +423,24 @@ def test_readme_bad_input_table_rows_are_tested_cases():
     for row in rows:
         name = row.split(" | ")[0][2:]
         assert row == by_name.get(name), row
+
+
+# under torchrun (its environment, simulated: the refusal comes before any process joins a group)
+TORCHRUN_CASES = [
+    ("torchrun-train", ["train", *T30, *QUICK],
+     "kdrun: error: kdrun train does not run under torchrun (only kdrun distill does); run it as one process"),
+    ("torchrun-sweep", ["distill", *T30, *QUICK, "-m", "seed=0,1"],
+     "kdrun: error: -m (a sweep) does not run under torchrun; start one torchrun per point of the sweep"),
+    ("torchrun-resume-key", ["distill", *T30, *QUICK, "resume=true"],
+     "kdrun: error: resume=true does not run under torchrun; resume the run as one process: kdrun resume RUN_DIR"),
+    ("torchrun-resume", ["resume", "{root}"],
+     "kdrun: error: kdrun resume does not run under torchrun (only kdrun distill does); run it as one process"),
+    ("torchrun-report", ["report", "{root}"],
+     "kdrun: error: kdrun report does not run under torchrun (only kdrun distill does); run it as one process"),
+]
+
+
+@pytest.mark.parametrize("args,expected", [c[1:] for c in TORCHRUN_CASES], ids=[c[0] for c in TORCHRUN_CASES])
+def test_what_cannot_run_under_torchrun_is_refused(world, args, expected):
+    torchrun = {**world["env"], "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    test_bad_input_is_one_line_nonzero_and_harmless({**world, "env": torchrun}, args, expected)

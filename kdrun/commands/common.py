@@ -8,6 +8,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from kdrun import distributed
 from kdrun.checkpoint import Checkpointer, run_key
 from kdrun.data.batches import DeviceData
 from kdrun.data.transfer import describe, select_rows
@@ -17,10 +18,25 @@ from kdrun.io import atomic_write, load_torch_and_hash, write_json
 from kdrun.loop import fit
 from kdrun.run import Recorder, save_model
 
-RECIPE_OVERRIDES = {"epochs": "epochs", "batch_size": "batch_size", "lr": "optimizer.lr"}  # top-level -> recipe
+RECIPE_OVERRIDES = {"epochs": "epochs", "batch_size": "batch_size", "lr": "optimizer.lr",  # top-level -> recipe
+                    "precision": "precision"}
 
 
 def resolve_device(name):
+    """The torch.device that `device=name` means here; under torchrun, CUDA is this rank's GPU."""
+    device = _pick_device(name)
+    if distributed.world_size() == 1 or device.type == "cpu":
+        return device
+    if device.type == "mps":
+        raise KdrunError("MPS does not run under torchrun (no process-group backend for it); use device=cpu")
+    gpu, count = distributed.local_rank(), torch.cuda.device_count()
+    if gpu >= count:
+        raise KdrunError(f"torchrun's LOCAL_RANK is {gpu}, but this machine has {count} GPU(s); start at most "
+                         f"{count} processes per node with device=cuda")
+    return torch.device("cuda", gpu)
+
+
+def _pick_device(name):
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -197,7 +213,8 @@ def fit_role(cfg, run_dir, role, model, objective, data, train_set, checkpointer
                                     f"kdrun {cfg.command} of {cfg[role].name}, seed {cfg.seed}", bool(cfg.get("resume")))
     return fit(model, objective, train_set, data.test, optimizer, scheduler, epochs=recipe.epochs,
                batch_size=recipe.batch_size, jitter=recipe.jitter, flip=recipe.get("flip", False), generator=generator,
-               recorder=recorder, checkpointer=checkpointer, progress=cfg.progress)
+               recorder=recorder, checkpointer=checkpointer, progress=cfg.progress,
+               precision=recipe.get("precision", "fp32"), compile=cfg.get("compile", False))
 
 
 def train_model(cfg, run_dir, role, objective, data, train_set, device, extra_results, init=None, saved_as=None,

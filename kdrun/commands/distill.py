@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from kdrun import bias
-from kdrun.commands import teacher
+from kdrun.commands import fused, teacher
 from kdrun.commands.common import (check_buildable, check_inputs, fold_recipe_overrides, load_data, resolve_device, save_config,
                                    target_name, train_model)
 from kdrun.data.transfer import affected_classes, describe, select_rows, unseen_classes
@@ -17,6 +17,7 @@ from kdrun.io import write_json
 from kdrun.loop import predict
 from kdrun.objectives import CachedLogits, OnlineTeacher
 from kdrun.run import save_model
+from kdrun.sweep import is_fused
 
 log = logging.getLogger("kdrun")
 
@@ -27,6 +28,8 @@ def preflight(cfg, overrides=()):
     check_val_size(cfg, transfer["n"])
     if uses_teacher(cfg):
         teacher.check(cfg, transfer, overrides)
+    if is_fused(cfg):
+        fused.check(cfg)
 
 
 def check_val_size(cfg, n_train):
@@ -76,6 +79,8 @@ def teacher_signal(cfg, data):
 
 
 def run(cfg, run_dir, label=None):
+    if is_fused(cfg):
+        return fused.run(cfg, run_dir)
     cfg = fold_recipe_overrides(cfg, ["student"])
     save_config(cfg, run_dir)
     device = resolve_device(cfg.device)
@@ -84,17 +89,22 @@ def run(cfg, run_dir, label=None):
     transfer_set = data.train.subset(rows.train, labelled=cfg.transfer.labels)
     signal, info = teacher_signal(cfg, data)
     objective = instantiate(cfg.loss, teacher=signal)
-    augment = f"online teacher, {cfg.student.recipe.jitter}px jitter" if cfg.transfer.augment else None
-    extra = {"label": label, "student": cfg.student.name, "T": cfg.T, "alpha": cfg.alpha,
-             "temperature_schedule": target_name(cfg.temperature), "alpha_schedule": target_name(cfg.alpha_schedule),
-             "loss": target_name(cfg.loss), "transfer_set": describe(cfg.transfer), "labels": cfg.transfer.labels,
-             "augment": augment, "jitter": cfg.student.recipe.jitter, "flip": cfg.student.recipe.get("flip", False),
-             "n_val": int(rows.val.numel()), **info}
+    extra = student_results(cfg, label, rows, info)
     results, model = train_model(cfg, run_dir, "student", objective, data, transfer_set, device, extra)
     if cfg.transfer.bias_correction:
         results["bias_correction"] = correct_bias(cfg, run_dir, model, data, rows)
         write_json(run_dir / "results.json", results)
     return results
+
+
+def student_results(cfg, label, rows, teacher_info):
+    """What a distilled student's results.json records beyond its training (see common.save_trained)."""
+    augment = f"online teacher, {cfg.student.recipe.jitter}px jitter" if cfg.transfer.augment else None
+    return {"label": label, "student": cfg.student.name, "T": cfg.T, "alpha": cfg.alpha,
+            "temperature_schedule": target_name(cfg.temperature), "alpha_schedule": target_name(cfg.alpha_schedule),
+            "loss": target_name(cfg.loss), "transfer_set": describe(cfg.transfer), "labels": cfg.transfer.labels,
+            "augment": augment, "jitter": cfg.student.recipe.jitter, "flip": cfg.student.recipe.get("flip", False),
+            "n_val": int(rows.val.numel()), **teacher_info}
 
 
 def correct_bias(cfg, run_dir, model, data, rows):

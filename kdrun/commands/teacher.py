@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from kdrun import soft_targets, store
+from kdrun import distributed, soft_targets, store
 from kdrun.commands.common import RECIPE_OVERRIDES, check_model_payload, load_model, n_params
 from kdrun.ensemble import Ensemble
 from kdrun.errors import KdrunError
@@ -163,7 +163,10 @@ def ensemble_record(cfg, model, group, keys, shas, data):
                     for m, k, s, e, member in zip(group, keys, shas, member_errors, model.members)],
         "members_test_errors_mean": sum(member_errors) / len(member_errors),
     }
-    path = store.write_record(cfg.workdir, key, {"combine": cfg.teacher.combine, "members": keys}, results)
+    if distributed.is_main():  # under torchrun only rank 0 writes to the store
+        path = store.write_record(cfg.workdir, key, {"combine": cfg.teacher.combine, "members": keys}, results)
+    else:
+        path = store._entry(cfg.workdir, key) / "teacher.json"
     return {**results, "run_dir": str(path.parent)}
 
 
@@ -222,7 +225,12 @@ def load(cfg, data):
 
 def cached_logits(cfg, data):
     """The teacher's logits over the whole train split ([N, C]; an ensemble's members', [N, M, C]),
-    from the cache or computed once and cached."""
+    from the cache or computed once and cached (under torchrun, by rank 0; the others then read it)."""
+    with distributed.rank0_first():
+        return _cached_logits(cfg, data)
+
+
+def _cached_logits(cfg, data):
     model, info, record = load(cfg, data)
     group = record and record["members"]
     if group is None:

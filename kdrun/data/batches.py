@@ -13,6 +13,15 @@ class Batch:
     idx: torch.Tensor  # positions in the whole split (keys into cached teacher logits)
 
 
+def to_device(drawn, device):
+    """A CPU draw (kdrun's randomness comes from CPU generators) moved to `device` without making the
+    host wait: a copy from pageable memory to a GPU first waits for the GPU's queue, one from pinned
+    memory does not."""
+    if device.type == "cuda":
+        return drawn.pin_memory().to(device, non_blocking=True)
+    return drawn.to(device)
+
+
 def _per_channel(value, device):
     """A dataset's mean or std, one number or one per channel, shaped to broadcast over [B, C, H, W]."""
     return torch.as_tensor(value, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
@@ -50,7 +59,7 @@ class DeviceData:
         half the images left-right."""
         n = len(self)
         if shuffle:
-            order = torch.randperm(n, generator=generator).to(self.device, non_blocking=True)
+            order = to_device(torch.randperm(n, generator=generator), self.device)
         else:
             order = torch.arange(n, device=self.device)
         for start in range(0, n, batch_size):
@@ -71,7 +80,7 @@ def random_shift(x, max_shift, generator=None):
     """Shift each image by its own random (dy, dx) in [-k, k] pixels, filling with zeros."""
     b, c, h, w = x.shape
     k = int(max_shift)
-    offsets = torch.randint(0, 2 * k + 1, (2, b), generator=generator).to(x.device, non_blocking=True)
+    offsets = to_device(torch.randint(0, 2 * k + 1, (2, b), generator=generator), x.device)
     padded = F.pad(x, (k, k, k, k))
     rows = offsets[0][:, None] + torch.arange(h, device=x.device)  # [B, H] rows of the padded image
     cols = offsets[1][:, None] + torch.arange(w, device=x.device)
@@ -82,5 +91,5 @@ def random_shift(x, max_shift, generator=None):
 
 def random_flip(x, generator=None):
     """Mirror each image left-right with probability 1/2."""
-    flipped = torch.rand(x.shape[0], generator=generator).to(x.device, non_blocking=True) < 0.5
+    flipped = to_device(torch.rand(x.shape[0], generator=generator), x.device) < 0.5
     return torch.where(flipped[:, None, None, None], x.flip(-1), x)

@@ -16,3 +16,13 @@ class KDModel(nn.Module):
     @torch.no_grad()
     def constrain(self):
         """Apply weight constraints after an optimiser step (none by default)."""
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout with the same distribution, whose CPU masks come from torch.rand: CPU bernoulli_ took
+    21% of an mlp1200 epoch here, and this mask is 3x faster forward and backward (bench/NOTES.md)."""
+
+    def forward(self, x):
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        return x * (torch.rand_like(x) >= self.p).to(x.dtype).mul_(1 / (1 - self.p))

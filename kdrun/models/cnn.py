@@ -1,6 +1,6 @@
 from torch import nn
 
-from kdrun.models.base import KDModel
+from kdrun.models.base import Dropout, KDModel
 
 
 class SmallCNN(KDModel):
@@ -14,7 +14,7 @@ class SmallCNN(KDModel):
             blocks += [nn.Conv2d(c_in, int(c), 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
             c_in, h, w = int(c), h // 2, w // 2
         self.body = nn.Sequential(
-            *blocks, nn.Flatten(), nn.Linear(c_in * h * w, fc), nn.ReLU(), nn.Dropout(dropout)
+            *blocks, nn.Flatten(), nn.Linear(c_in * h * w, fc), nn.ReLU(), Dropout(dropout)
         )
         self.head = nn.Linear(fc, num_classes)
 

@@ -1,6 +1,6 @@
 from torch import nn
 
-from kdrun.models.base import KDModel
+from kdrun.models.base import Dropout, KDModel
 
 
 class LeNet5(KDModel):
@@ -23,7 +23,7 @@ class LeNet5(KDModel):
         ]
         width = c2 * h * w
         for units in fc:
-            layers += [nn.Linear(width, int(units)), nn.ReLU(), nn.Dropout(dropout)]
+            layers += [nn.Linear(width, int(units)), nn.ReLU(), Dropout(dropout)]
             width = int(units)
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(width, num_classes)

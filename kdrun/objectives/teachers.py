@@ -30,3 +30,18 @@ class OnlineTeacher:
             if self.combine is None:
                 return self.model(batch.x)
             return combine_logits(self.model.member_logits(batch.x), self.combine, T)
+
+
+class OncePerBatch:
+    """A teacher signal asked for the same batch by several students (a fused sweep) computes it once
+    (once per T for an ensemble, whose combined logits depend on T)."""
+
+    def __init__(self, signal):
+        self.signal, self.last = signal, (None, None, None)
+
+    def __call__(self, batch, T=None):
+        last_batch, last_T, logits = self.last
+        if batch is not last_batch or (self.signal.combine is not None and T != last_T):
+            logits = self.signal(batch, T)
+            self.last = (batch, T, logits)
+        return logits
