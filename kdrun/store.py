@@ -74,14 +74,18 @@ def train_or_reuse(workdir, key, identity, train, retrain=False):
         return path, results
 
 
+def record_path(workdir, key):
+    return _entry(workdir, key) / "teacher.json"
+
+
 def write_record(workdir, key, identity, results):
     """teacher.json alone, for a teacher with no model.pt of its own (an ensemble): reports find its row
     as they find a trained teacher's; `lookup` never takes it for a model."""
     entry = _entry(workdir, key)
     entry.mkdir(parents=True, exist_ok=True)
     with FileLock(str(entry) + ".lock"):
-        write_json(entry / "teacher.json", {"key": key, "identity": identity, "results": results})
-    return entry / "teacher.json"
+        write_json(record_path(workdir, key), {"key": key, "identity": identity, "results": results})
+    return record_path(workdir, key)
 
 
 def stored_results(workdir, key):

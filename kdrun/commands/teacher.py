@@ -166,7 +166,7 @@ def ensemble_record(cfg, model, group, keys, shas, data):
     if distributed.is_main():  # under torchrun only rank 0 writes to the store
         path = store.write_record(cfg.workdir, key, {"combine": cfg.teacher.combine, "members": keys}, results)
     else:
-        path = store._entry(cfg.workdir, key) / "teacher.json"
+        path = store.record_path(cfg.workdir, key)
     return {**results, "run_dir": str(path.parent)}
 
 
