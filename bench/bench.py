@@ -1,15 +1,18 @@
 """kdrun's benchmark: speed as ratios measured side by side in one run, on full Fashion-MNIST.
 
-    python bench/bench.py [--out bench.json] [--epochs 2]
+    python bench/bench.py [--out bench.json] [--epochs 2] [--repeats 3] [--device cpu|cuda]
 
 Prints a table and writes bench.json. Every kdrun number comes from the real CLI (`metrics.jsonl`'s
 per-epoch seconds, the last epoch's, so warm-up is left out); the distillation ratios are medians of
-interleaved repeats; the ceiling and the tutorial loop run in this process. Standard tools only: torch, torchvision, time."""
+interleaved repeats; the ceiling and the tutorial loop run in this process. The GEMM ceiling is the
+median of measurements taken between the phases (the machine's rate drifts over minutes; bench.json
+has their range). Standard tools only: torch, torchvision, time."""
 
 import argparse
 import json
 import math
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -23,7 +26,7 @@ BATCH = 128
 N_TRAIN = 60_000
 MLP1200 = [784, 1200, 1200, 10]
 MLP800 = [784, 800, 800, 10]
-TEST = ["dataset=fashion_mnist", "dataset.test_limit=100", "progress=false", "device=cpu"]  # evaluation ~free
+TEST = ["dataset=fashion_mnist", "dataset.test_limit=100", "progress=false"]  # evaluation ~free
 TEACHER = ["teacher=mlp1200"]
 
 
@@ -38,10 +41,24 @@ def training_flops(widths, n):
     return gemm_flops(widths, n) - 2 * n * widths[0] * widths[1]
 
 
-def matmul_ceiling(widths, reps=200):
+def cpu_name():
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def sync(device):
+    """Wait for the device's queued work, so that a clock read after it measures the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_ceiling(widths, device, reps=200):
     """GFLOP/s of exactly the MLP's training GEMMs at batch BATCH (forward X@W, backward dY@W^T and
     X^T@dY), back to back: the rate the machine gives these shapes."""
-    layers = [(torch.randn(BATCH, a), torch.randn(a, b), torch.randn(BATCH, b)) for a, b in zip(widths, widths[1:])]
+    layers = [(torch.randn(BATCH, a, device=device), torch.randn(a, b, device=device), torch.randn(BATCH, b, device=device))
+              for a, b in zip(widths, widths[1:])]
 
     def step():
         for x, w, dy in layers:
@@ -51,9 +68,11 @@ def matmul_ceiling(widths, reps=200):
 
     for _ in range(10):
         step()
+    sync(device)
     started = time.perf_counter()
     for _ in range(reps):
         step()
+    sync(device)
     return gemm_flops(widths, BATCH) * reps / (time.perf_counter() - started) / 1e9
 
 
@@ -72,7 +91,7 @@ def epoch_seconds(run_dir):
     return rows[-1]["seconds"]
 
 
-def tutorial_epoch_seconds(data_dir, epochs):
+def tutorial_epoch_seconds(data_dir, epochs, device):
     """The same mlp1200 (dropout, max-norm, SGD, batch 128) in the loop of a PyTorch tutorial:
     torchvision dataset, ToTensor, a DataLoader with workers. No jitter: that is in kdrun's favour."""
     from torchvision import datasets, transforms
@@ -81,35 +100,38 @@ def tutorial_epoch_seconds(data_dir, epochs):
 
     ds = datasets.FashionMNIST(data_dir, train=True, download=False, transform=transforms.ToTensor())
     loader = torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=2)
-    model = MLP([1, 28, 28], 10, [1200, 1200], dropout_input=0.2, dropout_hidden=0.5, max_norm=3.873)
+    model = MLP([1, 28, 28], 10, [1200, 1200], dropout_input=0.2, dropout_hidden=0.5, max_norm=3.873).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     seconds = []
     for _ in range(epochs):
         started = time.perf_counter()
         model.train()
         for x, y in loader:
+            x, y = x.to(device), y.to(device)
             loss = torch.nn.functional.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
             model.constrain()
+        sync(device)
         seconds.append(time.perf_counter() - started)
     return seconds[-1]
 
 
-def inference(model_path, batch, reps):
+def inference(model_path, batch, reps, device):
     from kdrun.commands.common import build_model
 
     payload = torch.load(model_path, weights_only=True)
     model = build_model(payload["arch"], (1, 28, 28), 10)
     model.load_state_dict(payload["model"])
-    model.eval()
-    x = torch.randn(batch, 1, 28, 28)
+    model.to(device).eval()
+    x = torch.randn(batch, 1, 28, 28, device=device)
     times = []
     with torch.no_grad():
         for _ in range(reps + 5):
             started = time.perf_counter()
             model(x)
+            sync(device)
             times.append(time.perf_counter() - started)
     return statistics.median(times[5:]), sum(p.numel() for p in model.parameters())
 
@@ -119,18 +141,27 @@ def main():
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--epochs", type=int, default=2, help="epochs of each timed training (the last is timed)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the distillation ratios (median)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where everything is timed")
     args = parser.parse_args()
+    device = torch.device(args.device)
     data_dir = os.environ.get("KDRUN_DATA", "data")
     workdir = tempfile.mkdtemp(prefix="kdrun-bench-")
     env = {**os.environ, "KDRUN_WORKDIR": workdir, "KDRUN_DATA": data_dir}
-    r = {"threads": torch.get_num_threads(), "epochs": args.epochs, "repeats": args.repeats}
+    r = {"threads": torch.get_num_threads(), "epochs": args.epochs, "repeats": args.repeats, "device": args.device,
+         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()}
 
     r["help_startup_s"] = statistics.median(kdrun(env, "distill", "--help") for _ in range(3))
-    r["matmul_gflops"] = matmul_ceiling(MLP1200)
-    r["matmul_gflops_mlp800"] = matmul_ceiling(MLP800)
+    ceilings = {"matmul_gflops": (MLP1200, []), "matmul_gflops_mlp800": (MLP800, [])}
 
-    quick = [*TEACHER, *TEST, f"teacher.recipe.epochs={args.epochs}"]  # every command finds this one teacher
+    def measure_ceilings():  # the machine's rate drifts over minutes here: measured between the phases
+        for widths, rates in ceilings.values():
+            rates.append(matmul_ceiling(widths, device))
+
+    measure_ceilings()
+
+    quick = [*TEACHER, *TEST, f"device={args.device}", f"teacher.recipe.epochs={args.epochs}"]  # every command finds this one teacher
     kdrun(env, "train", *quick)
+    measure_ceilings()
     teacher_s = epoch_seconds(last_run(workdir, "train"))
     kdrun(env, "train", *quick, "precision=bf16")  # autocast: bfloat16 GEMMs where the CPU has them (avx512_bf16)
     r["teacher_bf16_speedup"] = teacher_s / epoch_seconds(last_run(workdir, "train"))
@@ -145,7 +176,11 @@ def main():
             seconds[name].append(epoch_seconds(last_run(workdir, "distill")))
             if name == "cached":
                 cached_run = last_run(workdir, "distill")
+        measure_ceilings()
     alone_s = statistics.median(seconds["alone"])
+    for key, (_, rates) in ceilings.items():
+        r[key] = statistics.median(rates)
+        r[f"{key}_range"] = f"{min(rates):.1f}-{max(rates):.1f}"
     r["distill_cached_over_alone"] = statistics.median(c / a for c, a in zip(seconds["cached"], seconds["alone"]))
     r["distill_online_over_alone"] = statistics.median(o / a for o, a in zip(seconds["online"], seconds["alone_jitter"]))
 
@@ -155,7 +190,7 @@ def main():
     r["student_samples_per_s"] = N_TRAIN / alone_s
     r["student_gflops"] = training_flops(MLP800, N_TRAIN) / alone_s / 1e9
     r["student_frac_of_peak"] = r["student_gflops"] / r["matmul_gflops_mlp800"]
-    r["tutorial_epoch_s"] = tutorial_epoch_seconds(data_dir, args.epochs)
+    r["tutorial_epoch_s"] = tutorial_epoch_seconds(data_dir, args.epochs, device)
     r["kdrun_teacher_epoch_s"] = teacher_s
     r["speedup_vs_tutorial"] = r["tutorial_epoch_s"] / teacher_s
 
@@ -167,10 +202,10 @@ def main():
     r["sweep5_fused_over_sweep5"] = fused / sweep
 
     teacher_path = next(Path(workdir, "teachers").glob("*/model.pt"))
-    teacher_b1, r["teacher_params"] = inference(teacher_path, 1, 300)
-    student_b1, r["student_params"] = inference(cached_run / "model.pt", 1, 300)
-    teacher_big, _ = inference(teacher_path, 1024, 30)
-    student_big, _ = inference(cached_run / "model.pt", 1024, 30)
+    teacher_b1, r["teacher_params"] = inference(teacher_path, 1, 300, device)
+    student_b1, r["student_params"] = inference(cached_run / "model.pt", 1, 300, device)
+    teacher_big, _ = inference(teacher_path, 1024, 30, device)
+    student_big, _ = inference(cached_run / "model.pt", 1024, 30, device)
     r["student_latency_speedup_b1"] = teacher_b1 / student_b1
     r["student_throughput_speedup_b1024"] = teacher_big / student_big
     r["teacher_latency_b1_ms"], r["student_latency_b1_ms"] = teacher_b1 * 1e3, student_b1 * 1e3

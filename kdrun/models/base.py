@@ -25,4 +25,5 @@ class Dropout(nn.Dropout):
     def forward(self, x):
         if not self.training or self.p == 0 or x.device.type != "cpu":
             return super().forward(x)
-        return x * (torch.rand_like(x) >= self.p).to(x.dtype).mul_(1 / (1 - self.p))
+        keep = torch.rand_like(x, dtype=torch.float32) >= self.p  # float32 even under bf16 autocast: exact p
+        return x * keep.to(x.dtype).mul_(1 / (1 - self.p))

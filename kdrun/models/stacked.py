@@ -57,7 +57,10 @@ class StackedModels(nn.Module):
         architecture: constraints are per unit, so they are exact on the slice."""
         if getattr(self.template, "max_norm", None) is None:
             return
-        member = copy.deepcopy(self.template).to_empty(device=self.stacked[0].device)
+        device = self.stacked[0].device
+        member = self.__dict__.get("scratch")  # made once per device, like the template kept out of the tree
+        if member is None or next(member.parameters()).device != device:
+            member = self.__dict__["scratch"] = copy.deepcopy(self.template).to_empty(device=device)
         for k in range(self.k):
             member.load_state_dict(self.member_state_dict(k))
             member.constrain()
