@@ -147,11 +147,11 @@ def check_torchrun(command, multirun=False, cfg=None):
         raise KdrunError("-m (a sweep) does not run under torchrun; start one torchrun per point of the sweep")
     if cfg is None:
         return
-    from omegaconf import OmegaConf
+    from kdrun.sweep import is_fused
 
     if cfg.get("resume"):
         raise KdrunError("resume=true does not run under torchrun; resume the run as one process: kdrun resume RUN_DIR")
-    if OmegaConf.select(cfg, "sweep.fused", default=False) is True:
+    if is_fused(cfg):
         raise KdrunError("sweep.fused=true does not run under torchrun; run the fused sweep as one process")
 
 

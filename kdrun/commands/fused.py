@@ -47,11 +47,10 @@ def run(cfg, run_dir):
     data = load_data(cfg, device)
     rows = select_rows(data.train.labels.cpu(), cfg.transfer, cfg.dataset.subset_seed)
     transfer_set = data.train.subset(rows.train, labelled=cfg.transfer.labels)
-    taught = [p for p in students if distill.uses_teacher(p)]
-    signal, info = distill.teacher_signal(taught[0], data) if taught else (None, None)
+    taught = [distill.uses_teacher(p) for p in students]
+    signal, info = distill.teacher_signal(students[taught.index(True)], data) if any(taught) else (None, None)
     signal = OncePerBatch(signal) if signal else None
-    objective = FusedObjectives(instantiate(p.loss, teacher=signal if distill.uses_teacher(p) else None)
-                                for p in students)
+    objective = FusedObjectives(instantiate(p.loss, teacher=signal if t else None) for p, t in zip(students, taught))
     models = []
     for _ in students:  # what each student's own run builds: the same seed, so the same initial weights
         torch.manual_seed(cfg.seed)
@@ -70,7 +69,7 @@ def run(cfg, run_dir):
         model = build_model(point.student.model, data.shape, data.num_classes)
         model.load_state_dict(stacked.member_state_dict(k))
         no_teacher = {"teacher": None, "teacher_key": None}
-        extra = {**distill.student_results(point, None, rows, info if distill.uses_teacher(point) else no_teacher),
+        extra = {**distill.student_results(point, None, rows, info if taught[k] else no_teacher),
                  "fused_sweep": str(run_dir), "fused_students": len(students)}
         results = save_trained(point, sub, "student", model, own[-1], seconds, transfer_set, extra)
         summary.append({"job": str(k), **{key: point[key] for key in FUSABLE}, **results})
