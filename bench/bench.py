@@ -3,10 +3,12 @@
     python bench/bench.py [--out bench.json] [--epochs 2] [--repeats 3] [--device cpu|cuda]
 
 Prints a table and writes bench.json. Every kdrun number comes from the real CLI (`metrics.jsonl`'s
-per-epoch seconds, the last epoch's, so warm-up is left out); the distillation ratios are medians of
-interleaved repeats; the ceiling and the tutorial loop run in this process. The GEMM ceiling is the
-median of measurements taken between the phases (the machine's rate drifts over minutes; bench.json
-has their range). Standard tools only: torch, torchvision, time."""
+per-epoch seconds, the last epoch's, so warm-up is left out); the ceiling and the tutorial loop run in
+this process. Every target ratio is the median over --repeats of a ratio measured side by side: each
+training share against the GEMM ceiling measured just before and just after that training (the
+machine's rate drifts by tens of percent over minutes here; bench.json has the range), each teacher
+epoch against a tutorial epoch run right after it, the distillations in interleaved rounds.
+Standard tools only: torch, torchvision, time."""
 
 import argparse
 import json
@@ -86,21 +88,28 @@ def last_run(workdir, command):
     return max((Path(workdir) / "runs" / command).iterdir(), key=lambda p: p.stat().st_mtime)
 
 
+def train(env, workdir, words):
+    """`kdrun train` in this workdir's store; its run dir."""
+    kdrun({**env, "KDRUN_WORKDIR": workdir}, "train", *words)
+    return last_run(workdir, "train")
+
+
 def epoch_seconds(run_dir):
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return rows[-1]["seconds"]
 
 
 def tutorial_epoch_seconds(data_dir, epochs, device):
-    """The same mlp1200 (dropout, max-norm, SGD, batch 128) in the loop of a PyTorch tutorial:
-    torchvision dataset, ToTensor, a DataLoader with workers. No jitter: that is in kdrun's favour."""
+    """The same mlp1200 (dropout, max-norm, SGD, batch 128) as a PyTorch tutorial writes it and trains
+    it: torch.nn's modules, torchvision dataset, ToTensor, a DataLoader with workers. No jitter: that is
+    in kdrun's favour."""
+    from torch import nn
     from torchvision import datasets, transforms
-
-    from kdrun.models import MLP
 
     ds = datasets.FashionMNIST(data_dir, train=True, download=False, transform=transforms.ToTensor())
     loader = torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=2)
-    model = MLP([1, 28, 28], 10, [1200, 1200], dropout_input=0.2, dropout_hidden=0.5, max_norm=3.873).to(device)
+    model = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(784, 1200), nn.ReLU(), nn.Dropout(0.5),
+                          nn.Linear(1200, 1200), nn.ReLU(), nn.Dropout(0.5), nn.Linear(1200, 10)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     seconds = []
     for _ in range(epochs):
@@ -112,7 +121,10 @@ def tutorial_epoch_seconds(data_dir, epochs, device):
             opt.zero_grad()
             loss.backward()
             opt.step()
-            model.constrain()
+            with torch.no_grad():  # max-norm on each unit's incoming weights
+                for layer in model:
+                    if isinstance(layer, nn.Linear):
+                        layer.weight.copy_(torch.renorm(layer.weight, 2, 0, 3.873))
         sync(device)
         seconds.append(time.perf_counter() - started)
     return seconds[-1]
@@ -140,7 +152,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--epochs", type=int, default=2, help="epochs of each timed training (the last is timed)")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the distillation ratios (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of every side-by-side ratio (the median is reported)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where everything is timed")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -151,48 +163,65 @@ def main():
          "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()}
 
     r["help_startup_s"] = statistics.median(kdrun(env, "distill", "--help") for _ in range(3))
-    ceilings = {"matmul_gflops": (MLP1200, []), "matmul_gflops_mlp800": (MLP800, [])}
+    ceilings = {"matmul_gflops": [], "matmul_gflops_mlp800": []}  # every measurement, for the range
 
-    def measure_ceilings():  # the machine's rate drifts over minutes here: measured between the phases
-        for widths, rates in ceilings.values():
-            rates.append(matmul_ceiling(widths, device))
+    def ceiling(key, widths):
+        ceilings[key].append(matmul_ceiling(widths, device))
+        return ceilings[key][-1]
 
-    measure_ceilings()
+    def around(key, widths, timed):
+        """timed() and the ceiling measured just before and just after it (the machine's rate drifts by
+        tens of percent over minutes here, so a share is only fair against the rate of its own minute)."""
+        before = ceiling(key, widths)
+        seconds = timed()
+        return seconds, (before + ceiling(key, widths)) / 2
 
     quick = [*TEACHER, *TEST, f"device={args.device}", f"teacher.recipe.epochs={args.epochs}"]  # every command finds this one teacher
-    kdrun(env, "train", *quick)
-    measure_ceilings()
-    teacher_s = epoch_seconds(last_run(workdir, "train"))
-    kdrun(env, "train", *quick, "precision=bf16")  # autocast: bfloat16 GEMMs where the CPU has them (avx512_bf16)
-    r["teacher_bf16_speedup"] = teacher_s / epoch_seconds(last_run(workdir, "train"))
+    teacher_seconds, teacher_shares, tutorial_speedups, bf16_speedups = [], [], [], []
+    for rep in range(args.repeats):  # the teacher, its ceiling, the tutorial loop and bf16 side by side, each repeat
+        home = workdir if rep == 0 else str(Path(workdir, f"teacher-{rep}"))  # a fresh store: it trains again
+        teacher_s, rate = around("matmul_gflops", MLP1200, lambda: epoch_seconds(train(env, home, quick)))
+        teacher_seconds.append(teacher_s)
+        teacher_shares.append(training_flops(MLP1200, N_TRAIN) / teacher_s / 1e9 / rate)
+        tutorial_speedups.append(tutorial_epoch_seconds(data_dir, args.epochs, device) / teacher_s)
+        # autocast: bfloat16 GEMMs where the CPU has them (avx512_bf16)
+        bf16_speedups.append(teacher_s / epoch_seconds(train(env, home, [*quick, "precision=bf16"])))
+    r["kdrun_teacher_epoch_s"] = statistics.median(teacher_seconds)
+    r["teacher_bf16_speedup"] = statistics.median(bf16_speedups)
     base = [*quick, f"epochs={args.epochs}"]
     jitter = [*base, "student.recipe.jitter=2"]  # the online teacher runs on the student's jittered batch
     runs = {"alone": [*base, "alpha=0"], "cached": [*base, "T=4"],
             "alone_jitter": [*jitter, "alpha=0"], "online": [*jitter, "T=4", "transfer.augment=true"]}
-    seconds = {name: [] for name in runs}
+    seconds, student_shares = {name: [] for name in runs}, []
     for _ in range(args.repeats):  # interleaved, so that the machine's drift hits each alike
         for name, words in runs.items():
-            kdrun(env, "distill", *words)
-            seconds[name].append(epoch_seconds(last_run(workdir, "distill")))
+            def distill(words=words):
+                kdrun(env, "distill", *words)
+                return epoch_seconds(last_run(workdir, "distill"))
+            if name == "alone":
+                alone_s, rate = around("matmul_gflops_mlp800", MLP800, distill)
+                student_shares.append(training_flops(MLP800, N_TRAIN) / alone_s / 1e9 / rate)
+                seconds[name].append(alone_s)
+            else:
+                seconds[name].append(distill())
             if name == "cached":
                 cached_run = last_run(workdir, "distill")
-        measure_ceilings()
-    alone_s = statistics.median(seconds["alone"])
-    for key, (_, rates) in ceilings.items():
+    for key, rates in ceilings.items():
         r[key] = statistics.median(rates)
         r[f"{key}_range"] = f"{min(rates):.1f}-{max(rates):.1f}"
     r["distill_cached_over_alone"] = statistics.median(c / a for c, a in zip(seconds["cached"], seconds["alone"]))
     r["distill_online_over_alone"] = statistics.median(o / a for o, a in zip(seconds["online"], seconds["alone_jitter"]))
-
-    r["teacher_samples_per_s"] = N_TRAIN / teacher_s
-    r["teacher_gflops"] = training_flops(MLP1200, N_TRAIN) / teacher_s / 1e9
-    r["teacher_frac_of_peak"] = r["teacher_gflops"] / r["matmul_gflops"]
+    r["teacher_frac_of_peak"] = statistics.median(teacher_shares)
+    r["teacher_frac_of_peak_each"] = [round(x, 3) for x in teacher_shares]
+    r["student_frac_of_peak"] = statistics.median(student_shares)
+    r["student_frac_of_peak_each"] = [round(x, 3) for x in student_shares]
+    r["speedup_vs_tutorial"] = statistics.median(tutorial_speedups)
+    r["speedup_vs_tutorial_each"] = [round(x, 3) for x in tutorial_speedups]
+    alone_s = statistics.median(seconds["alone"])
+    r["teacher_samples_per_s"] = N_TRAIN / r["kdrun_teacher_epoch_s"]
+    r["teacher_gflops"] = training_flops(MLP1200, N_TRAIN) / r["kdrun_teacher_epoch_s"] / 1e9
     r["student_samples_per_s"] = N_TRAIN / alone_s
     r["student_gflops"] = training_flops(MLP800, N_TRAIN) / alone_s / 1e9
-    r["student_frac_of_peak"] = r["student_gflops"] / r["matmul_gflops_mlp800"]
-    r["tutorial_epoch_s"] = tutorial_epoch_seconds(data_dir, args.epochs, device)
-    r["kdrun_teacher_epoch_s"] = teacher_s
-    r["speedup_vs_tutorial"] = r["tutorial_epoch_s"] / teacher_s
 
     one = kdrun(env, "distill", *quick, "epochs=1", "alpha=0")
     sweep = kdrun(env, "distill", "-m", *quick, "epochs=1", "T=1,2,5,10,20")

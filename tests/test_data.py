@@ -102,6 +102,15 @@ def test_random_shift_moves_each_image_within_k_pixels():
     assert torch.equal(random_shift(x, 0), x)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_random_shift_is_a_crop_of_the_zero_padded_image_at_the_drawn_offset(dtype):
+    x = torch.randint(0, 256, (40, 3, 7, 9)).to(dtype)  # several channels, not square
+    out = random_shift(x, 2, torch.Generator().manual_seed(5))
+    dy, dx = torch.randint(0, 5, (2, 40), generator=torch.Generator().manual_seed(5))  # the draw it made
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    assert torch.equal(out, torch.stack([padded[i, :, dy[i]:dy[i] + 7, dx[i]:dx[i] + 9] for i in range(40)]))
+
+
 def test_batches_cover_the_split_once_normalised():
     images = torch.randint(0, 256, (250, 1, 28, 28), dtype=torch.uint8)
     data = DeviceData(images, torch.arange(250) % 10, mean=0.5, std=0.25, device="cpu")

@@ -39,11 +39,23 @@ def test_cpu_dropout_keeps_1_minus_p_and_scales_by_its_inverse(p):
     y = layer(x)
     kept = y != 0
     assert kept.float().mean().item() == pytest.approx(1 - p, abs=0.005)
-    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
+    p_used = round(p * 2**16) / 2**16  # p rounded to 16 bits, and the scale exact for it
+    assert abs(p_used - p) <= 2**-17
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / (1 - p_used)))
     y.sum().backward()
-    torch.testing.assert_close(x.grad, kept.float() / (1 - p))  # the gradient flows through the kept units only
+    torch.testing.assert_close(x.grad, kept.float() / (1 - p_used))  # the gradient flows through the kept units only
     layer.eval()
     assert torch.equal(layer(x), x)
+
+
+def test_cpu_dropout_units_cut_from_one_draw_are_independent():
+    torch.manual_seed(0)
+    kept = (Dropout(0.5)(torch.ones(1_000_000)) != 0).float()
+    for lag in (1, 2, 3, 4):  # four units share a 64-bit draw: neighbours, and the next draw's
+        both = (kept[:-lag] * kept[lag:]).mean().item()
+        assert both == pytest.approx(0.25, abs=0.003), lag
+    torch.manual_seed(1)
+    assert not torch.equal(Dropout(0.5)(torch.ones(1000)), Dropout(0.5)(torch.ones(1000)))  # fresh draws each call
 
 
 def test_an_accelerator_loss_is_checked_when_the_epoch_ends_naming_the_first_bad_step():

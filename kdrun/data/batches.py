@@ -1,5 +1,6 @@
 """A whole split held as uint8 on the device; batches are sliced, jittered, flipped and normalised there."""
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -64,13 +65,14 @@ class DeviceData:
             order = torch.arange(n, device=self.device)
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
-            x = self.images[idx].float()
+            x = self.images.index_select(0, idx)  # uint8 until normalised: the moves below touch a quarter of the bytes
             if jitter:
                 x = random_shift(x, jitter, generator)
             if flip:
                 x = random_flip(x, generator)
-            x = x.sub_(255 * self.mean).div_(255 * self.std)
-            yield Batch(x, self.labels[idx] if self.labelled else None, idx if self.rows is None else self.rows[idx])
+            x = x.float().sub_(255 * self.mean).div_(255 * self.std)
+            labels = self.labels.index_select(0, idx) if self.labelled else None
+            yield Batch(x, labels, idx if self.rows is None else self.rows.index_select(0, idx))
 
     def n_batches(self, batch_size):
         return -(-len(self) // batch_size)
@@ -81,12 +83,21 @@ def random_shift(x, max_shift, generator=None):
     b, c, h, w = x.shape
     k = int(max_shift)
     offsets = to_device(torch.randint(0, 2 * k + 1, (2, b), generator=generator), x.device)
-    padded = F.pad(x, (k, k, k, k))
-    rows = offsets[0][:, None] + torch.arange(h, device=x.device)  # [B, H] rows of the padded image
-    cols = offsets[1][:, None] + torch.arange(w, device=x.device)
-    bi = torch.arange(b, device=x.device)[:, None, None, None]
-    ci = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+    padded = F.pad(x, (k, k, k, k)).reshape(b, c, -1)
+    sources = _shift_sources(h, w, k, x.device).index_select(0, offsets[0] * (2 * k + 1) + offsets[1])
+    return padded.gather(2, sources[:, None, :].expand(b, c, h * w)).view(b, c, h, w)
+
+
+@functools.cache
+def _shift_sources(h, w, k, device):
+    """For each shift (dy, dx) in [0, 2k]^2 (row dy * (2k + 1) + dx), where each output pixel of an
+    image shifted by it is read in the padded, flattened image: one gather moves a whole batch (a 4-D
+    advanced index took 3x longer)."""
+    shifts = torch.arange(2 * k + 1, device=device)
+    rows = shifts[:, None] + torch.arange(h, device=device)  # [2k+1, H] rows of the padded image
+    cols = shifts[:, None] + torch.arange(w, device=device)
+    flat = rows[:, None, :, None] * (w + 2 * k) + cols[None, :, None, :]  # [dy, dx, H, W]
+    return flat.reshape((2 * k + 1) ** 2, h * w)
 
 
 def random_flip(x, generator=None):

@@ -14,7 +14,7 @@ class CachedLogits:
         self.logits, self.combine = logits, combine
 
     def __call__(self, batch, T=None):
-        z = self.logits[batch.idx]
+        z = self.logits.index_select(0, batch.idx)
         return z if self.combine is None else combine_logits(z, self.combine, T)
 
 
