@@ -25,7 +25,7 @@ class Dropout(nn.Dropout):
     """nn.Dropout whose CPU masks cost a quarter of a draw per unit. The CPU generator spends the same
     time on a 64-bit draw as on one float32 (bernoulli_ took 21% of an mlp1200 epoch here, torch.rand
     masks 7%; bench/NOTES.md), so each draw is cut into four 16-bit units. A unit is dropped with
-    probability p' = p rounded to a multiple of 2^-16 (|p' - p| <= 2^-17) and kept ones are scaled by
+    probability p' = p rounded to a multiple of 2^-16 (and at most 1 - 2^-16), and kept ones are scaled by
     1 / (1 - p'), so the expectation is exactly the input's. GPUs keep F.dropout's one-pass kernel."""
 
     def forward(self, x):
