@@ -56,24 +56,30 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def gemm_operands(widths, n, device):
+    """Random operands of each layer's training GEMMs at batch n: input, weight, output gradient."""
+    return [(torch.randn(n, a, device=device), torch.randn(a, b, device=device), torch.randn(n, b, device=device))
+            for a, b in zip(widths, widths[1:])]
+
+
+def run_gemms(layers):
+    """Each layer's forward X@W and backward dY@W^T and X^T@dY, back to back (gemm_flops of them)."""
+    for x, w, dy in layers:
+        x @ w
+        dy @ w.T
+        x.T @ dy
+
+
 def matmul_ceiling(widths, device, reps=200):
-    """GFLOP/s of exactly the MLP's training GEMMs at batch BATCH (forward X@W, backward dY@W^T and
-    X^T@dY), back to back: the rate the machine gives these shapes."""
-    layers = [(torch.randn(BATCH, a, device=device), torch.randn(a, b, device=device), torch.randn(BATCH, b, device=device))
-              for a, b in zip(widths, widths[1:])]
-
-    def step():
-        for x, w, dy in layers:
-            x @ w
-            dy @ w.T
-            x.T @ dy
-
+    """GFLOP/s of exactly the MLP's training GEMMs at batch BATCH, back to back: the rate the machine
+    gives these shapes."""
+    layers = gemm_operands(widths, BATCH, device)
     for _ in range(10):
-        step()
+        run_gemms(layers)
     sync(device)
     started = time.perf_counter()
     for _ in range(reps):
-        step()
+        run_gemms(layers)
     sync(device)
     return gemm_flops(widths, BATCH) * reps / (time.perf_counter() - started) / 1e9
 
