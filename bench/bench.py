@@ -43,6 +43,11 @@ def training_flops(widths, n):
     return gemm_flops(widths, n) - 2 * n * widths[0] * widths[1]
 
 
+def achieved_gflops(widths, seconds):
+    """GFLOP/s of an epoch of full Fashion-MNIST that took `seconds`."""
+    return training_flops(widths, N_TRAIN) / seconds / 1e9
+
+
 def cpu_name():
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
         if line.startswith("model name"):
@@ -188,7 +193,7 @@ def main():
         home = workdir if rep == 0 else str(Path(workdir, f"teacher-{rep}"))  # a fresh store: it trains again
         teacher_s, rate = around("matmul_gflops", MLP1200, lambda: epoch_seconds(train(env, home, quick)))
         teacher_seconds.append(teacher_s)
-        teacher_shares.append(training_flops(MLP1200, N_TRAIN) / teacher_s / 1e9 / rate)
+        teacher_shares.append(achieved_gflops(MLP1200, teacher_s) / rate)
         tutorial_speedups.append(tutorial_epoch_seconds(data_dir, args.epochs, device) / teacher_s)
         # autocast: bfloat16 GEMMs where the CPU has them (avx512_bf16)
         bf16_speedups.append(teacher_s / epoch_seconds(train(env, home, [*quick, "precision=bf16"])))
@@ -199,17 +204,19 @@ def main():
     runs = {"alone": [*base, "alpha=0"], "cached": [*base, "T=4"],
             "alone_jitter": [*jitter, "alpha=0"], "online": [*jitter, "T=4", "transfer.augment=true"]}
     seconds, student_shares = {name: [] for name in runs}, []
+
+    def distill(words):
+        kdrun(env, "distill", *words)
+        return epoch_seconds(last_run(workdir, "distill"))
+
     for _ in range(args.repeats):  # interleaved, so that the machine's drift hits each alike
         for name, words in runs.items():
-            def distill(words=words):
-                kdrun(env, "distill", *words)
-                return epoch_seconds(last_run(workdir, "distill"))
-            if name == "alone":
-                alone_s, rate = around("matmul_gflops_mlp800", MLP800, distill)
-                student_shares.append(training_flops(MLP800, N_TRAIN) / alone_s / 1e9 / rate)
+            if name == "alone":  # the student's share, against the ceiling around it
+                alone_s, rate = around("matmul_gflops_mlp800", MLP800, lambda: distill(words))
+                student_shares.append(achieved_gflops(MLP800, alone_s) / rate)
                 seconds[name].append(alone_s)
             else:
-                seconds[name].append(distill())
+                seconds[name].append(distill(words))
             if name == "cached":
                 cached_run = last_run(workdir, "distill")
     for key, rates in ceilings.items():
@@ -225,9 +232,9 @@ def main():
     r["speedup_vs_tutorial_each"] = [round(x, 3) for x in tutorial_speedups]
     alone_s = statistics.median(seconds["alone"])
     r["teacher_samples_per_s"] = N_TRAIN / r["kdrun_teacher_epoch_s"]
-    r["teacher_gflops"] = training_flops(MLP1200, N_TRAIN) / r["kdrun_teacher_epoch_s"] / 1e9
+    r["teacher_gflops"] = achieved_gflops(MLP1200, r["kdrun_teacher_epoch_s"])
     r["student_samples_per_s"] = N_TRAIN / alone_s
-    r["student_gflops"] = training_flops(MLP800, N_TRAIN) / alone_s / 1e9
+    r["student_gflops"] = achieved_gflops(MLP800, alone_s)
 
     one = kdrun(env, "distill", *quick, "epochs=1", "alpha=0")
     sweep = kdrun(env, "distill", "-m", *quick, "epochs=1", "T=1,2,5,10,20")
