@@ -5,14 +5,14 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test data install clean
+.PHONY: demo test test-fast data install clean docs
 
 install: $(INSTALLED)
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q 'setuptools>=68' wheel
-	$(BIN)/pip install -q -e '.[dev,launchers]'
+	$(BIN)/pip install -q -e '.[dev,launchers,docs,tensorboard,mlflow]'
 	touch $(INSTALLED)
 
 # Fashion-MNIST, offline, from Debian's package (the tests and the demo use it).
@@ -28,8 +28,16 @@ $(FASHION):
 test: $(INSTALLED) data
 	$(BIN)/python -m pytest -q
 
+# The fast tier: everything but the end-to-end and subprocess runs marked slow (docs/testing.md).
+test-fast: $(INSTALLED) data
+	$(BIN)/python -m pytest -q -m "not slow"
+
 demo: $(INSTALLED) data
 	$(BIN)/kdrun pipeline experiment=demo
 
+# The documentation site, into site/; a broken link or a page missing from nav fails it.
+docs: $(INSTALLED)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist site *.egg-info

@@ -1,6 +1,7 @@
 """kdrun's benchmark: speed as ratios measured side by side in one run, on full Fashion-MNIST.
 
     python bench/bench.py [--out bench.json] [--epochs 2] [--repeats 3] [--device cpu|cuda]
+    python bench/bench.py --suite cifar [...]     resnet32x4 -> resnet8x4 distillation (bench/cifar.py)
 
 Prints a table and writes bench.json. Every kdrun number comes from the real CLI (`metrics.jsonl`'s
 per-epoch seconds, the last epoch's, so warm-up is left out); the ceiling and the tutorial loop run in
@@ -142,10 +143,10 @@ def tutorial_epoch_seconds(data_dir, epochs, device):
 
 
 def inference(model_path, batch, reps, device):
-    from kdrun.commands.common import build_model
+    from kdrun.models.build import build_model, with_input_shape
 
     payload = torch.load(model_path, weights_only=True)
-    model = build_model(payload["arch"], (1, 28, 28), 10)
+    model = build_model(with_input_shape(payload["arch"], (1, 28, 28)), 10)
     model.load_state_dict(payload["model"])
     model.to(device).eval()
     x = torch.randn(batch, 1, 28, 28, device=device)
@@ -165,7 +166,21 @@ def main():
     parser.add_argument("--epochs", type=int, default=2, help="epochs of each timed training (the last is timed)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of every side-by-side ratio (the median is reported)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where everything is timed")
+    parser.add_argument("--suite", default="default", choices=["default", "cifar"],
+                        help="default: the Fashion-MNIST MLPs above; cifar: resnet32x4 -> resnet8x4 (bench/cifar.py)")
+    cifar_options = parser.add_argument_group("--suite cifar")
+    cifar_options.add_argument("--limit", type=int, default=1024, help="training images")
+    cifar_options.add_argument("--data-dir", type=Path, help="a data_dir holding cifar-10-batches-py (default: random "
+                               "images written in that layout)")
+    cifar_options.add_argument("--imagefolder", type=Path, help="a root/train/<class>/*.jpg tree instead")
+    cifar_options.add_argument("--variants", default="fp32,bf16,channels_last,bf16_channels_last,compile",
+                               help="kdrun settings to time (bench/cifar.py VARIANTS)")
+    cifar_options.add_argument("--workers", type=int, default=2, help="the tutorial DataLoader's workers")
+    cifar_options.add_argument("--teacher", default="resnet32x4", help="a CIFAR zoo model (kdrun.models.zoo.ZOO)")
+    cifar_options.add_argument("--student", default="resnet8x4", help="a CIFAR zoo model (kdrun.models.zoo.ZOO)")
     args = parser.parse_args()
+    if args.suite == "cifar":
+        return cifar_suite(args)
     device = torch.device(args.device)
     data_dir = os.environ.get("KDRUN_DATA", "data")
     workdir = tempfile.mkdtemp(prefix="kdrun-bench-")
@@ -256,6 +271,16 @@ def main():
     width = max(map(len, r))
     for k, v in r.items():
         print(f"{k.ljust(width)}  {v:.3f}" if isinstance(v, float) and not math.isnan(v) else f"{k.ljust(width)}  {v}")
+
+
+def cifar_suite(args):
+    sys.path.insert(0, str(Path(__file__).parent))
+    import cifar
+
+    r = cifar.run(args, cpu_name)
+    out = Path(args.out if args.out != "bench.json" else "bench_cifar.json")
+    out.write_text(json.dumps(r, indent=2) + "\n")
+    print(cifar.table(r))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ class NullRecorder:
 def epoch_seconds(cfg, data, role, optimizer_kwargs):
     recipe = cfg[role].recipe
     torch.manual_seed(0)
-    model = build_model(cfg[role].model, data.shape, data.num_classes)
+    model = build_model(cfg[role].model, data.num_classes)
     optimizer = instantiate(recipe.optimizer, **optimizer_kwargs)(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     started = time.perf_counter()

@@ -4,6 +4,8 @@ tuned on a validation split carved from the training data, never on the test set
 
 import torch
 
+from kdrun.models import capabilities
+
 GRID = torch.arange(-200, 201, dtype=torch.float64) / 10  # -20.0 .. 20.0 by 0.1; the paper used +3.5 and -7.6
 
 
@@ -29,6 +31,6 @@ def tune_shift(logits, labels, classes, grid=GRID):
 
 
 @torch.no_grad()
-def apply_shift(model, classes, shift):
-    """Fold the shift into the model's output layer, so the saved model carries it."""
-    model.head.bias[classes] += shift
+def apply_shift(model, classes, shift, head_path=None):
+    """Fold the shift into the bias of the model's head (its final nn.Linear), so the saved model carries it."""
+    capabilities.head_bias(model, head_path)[classes] += shift

@@ -1,5 +1,6 @@
 """Training checkpoints: all the state that makes a resumed run end bit-identical to one never stopped
-(weights, optimiser, scheduler, epoch, step, position in the epoch, and every random stream)."""
+(weights, the objective's own parameters and state, optimiser, scheduler, epoch, step, position in the
+epoch, and every random stream)."""
 
 from pathlib import Path
 
@@ -10,8 +11,8 @@ from kdrun import __version__
 from kdrun.errors import KdrunError
 from kdrun.io import content_key, load_torch, save_torch
 
-FORMAT = 1
-NOT_IN_KEY = ("progress", "resume", "device")  # may differ between a run and its resume
+FORMAT = 2  # 2: the objective's state_dict beside the model's
+NOT_IN_KEY = ("progress", "resume", "device", "logger")  # may differ between a run and its resume
 
 
 def run_key(cfg):
@@ -20,24 +21,21 @@ def run_key(cfg):
     return content_key({k: v for k, v in config.items() if k not in NOT_IN_KEY})
 
 
-def rng_state(generator, objective):
-    """Every random stream training draws from: torch's global one (init, dropout), CUDA's, the data
-    order's (shuffle, jitter, flip) and the objective's own (self-distillation's views)."""
+def rng_state(generator):
+    """Every random stream training draws from: torch's global one (init, dropout), CUDA's and the data
+    order's (shuffle, jitter, flip). An objective's own streams (self-distillation's views) are its
+    module's extra state, saved with its state_dict."""
     state = {"torch": torch.get_rng_state(), "data": generator.get_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    if hasattr(objective, "state_dict"):
-        state["objective"] = objective.state_dict()
     return state
 
 
-def set_rng_state(state, generator, objective):
+def set_rng_state(state, generator):
     torch.set_rng_state(state["torch"])
     generator.set_state(state["data"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    if "objective" in state:
-        objective.load_state_dict(state["objective"])
 
 
 class Checkpointer:

@@ -1,4 +1,5 @@
-"""The `kdrun` entry point: a dispatcher on the first word, then one Hydra app per command.
+"""The `kdrun` entry point: a dispatcher on the first word, then one Hydra app per command (kdrun.launch).
+Nothing in kdrun imports this module; it is what `kdrun` and `python -m kdrun` run.
 
 Before Hydra creates any run directory, every job of the request (each point of a sweep) is composed
 and checked, so bad input ends in one `kdrun: error: ...` line with nothing written. Heavy imports
@@ -6,52 +7,17 @@ and checked, so bad input ends in one `kdrun: error: ...` line with nothing writ
 """
 
 import difflib
-import importlib
-import logging
 import os
-import re
-import shutil
 import sys
-import tempfile
-from pathlib import Path
 
-from kdrun import distributed, interrupt
-from kdrun.errors import KdrunError, StorageError, first_line, usage_error
+from kdrun import configs, interrupt
+from kdrun.configs import conf_dir
+from kdrun.errors import KdrunError, usage_error
+from kdrun.launch import COMMANDS, _is_user_error, check_torchrun, expand_alpha_shorthand, explain, preflight, run_hydra
 
-COMMANDS = {  # command word -> (primary config, module)
-    "train": ("train", "kdrun.commands.train"),
-    "soft-targets": ("soft_targets", "kdrun.commands.soft_targets"),
-    "distill": ("distill", "kdrun.commands.distill"),
-    "pipeline": ("pipeline", "kdrun.commands.pipeline"),
-    "evaluate": ("evaluate", "kdrun.commands.evaluate"),
-    "specialists": ("specialists", "kdrun.commands.specialists"),
-    "self-distill": ("self_distill", "kdrun.commands.self_distill"),
-    "mutual": ("mutual", "kdrun.commands.mutual"),
-}
 PLAIN_COMMANDS = {"report": "summarise results.json files (sweeps, runs, a workdir) into report.md/.csv/.png",
-                  "resume": "finish a stopped run, pipeline or sweep from its checkpoints: kdrun resume DIR"}
-# schedule group -> the top-level value it schedules (T and alpha are what users type)
-SCHEDULE_GROUPS = {"temperature": "T", "alpha_schedule": "alpha"}
-TORCHRUN_COMMANDS = ("distill",)  # what runs data-parallel under torchrun (see kdrun.distributed)
-NOT_CHOSEN_DIRECTLY = {"model": "teacher=NAME or student=NAME", "recipe": "teacher.recipe.KEY=VALUE or epochs=N"}
-
-log = logging.getLogger("kdrun")
-
-
-def conf_dir():
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "conf", here.parent / "conf"):  # wheel install, then source checkout
-        if (candidate / "base.yaml").is_file():
-            return candidate
-    raise KdrunError(f"cannot find kdrun's conf/ directory next to {here}")
-
-
-def group_options(group):
-    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
-
-
-def _groups():
-    return sorted(p.name for p in conf_dir().iterdir() if p.is_dir())
+                  "resume": "finish a stopped run, pipeline or sweep from its checkpoints: kdrun resume DIR",
+                  "models": "list every model config with its parameters and MACs: kdrun models [dataset=NAME]"}
 
 
 def usage():
@@ -84,195 +50,6 @@ def _parse_args(argv):
     return parser.parse_intermixed_args(argv)  # `a=1 -m b=1,2` as well as `-m a=1 b=1,2`
 
 
-def expand_alpha_shorthand(overrides):
-    """`alpha=anneal` picks the alpha schedule: Hydra cannot have a group and a key both named alpha."""
-    options = group_options("alpha_schedule")
-    out = []
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if key == "alpha" and value and all(v in options for v in value.split(",")):
-            item = f"alpha_schedule={value}"
-        out.append(item)
-    return out
-
-
-def _check_group_choices(parsed):
-    groups = set(_groups())
-    for o in parsed:
-        key = o.key_or_group
-        if key not in groups or o.package is not None or o.is_delete():
-            continue
-        if key in NOT_CHOSEN_DIRECTLY:
-            raise KdrunError(f"{key} is not chosen directly; use {NOT_CHOSEN_DIRECTLY[key]}")
-        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
-        options = group_options(key)
-        for v in values:
-            if v in options or v is None:
-                continue
-            if key in SCHEDULE_GROUPS and not isinstance(v, str):
-                name = SCHEDULE_GROUPS[key]
-                raise KdrunError(f"{key} picks a schedule ({', '.join(options)}); to set the value use {name}={v}")
-            close = difflib.get_close_matches(str(v), options, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise KdrunError(f"unknown {key} '{v}'{hint}; choose from: {', '.join(options)}")
-
-
-def _jobs(parsed, overrides, multirun):
-    """Override lists of every job a request will run (one, or each point of a sweep)."""
-    if not multirun:
-        for o in parsed:
-            if o.is_sweep_override():
-                raise KdrunError(f"{o.input_line} is a sweep; add -m to run it: kdrun ... -m {o.input_line}")
-        return [overrides]
-    return sweep_points(parsed)
-
-
-def sweep_points(parsed):
-    """The override list of each point of a sweep (Hydra's basic sweeper, every combination, in order)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
-    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
-
-
-def check_torchrun(command, multirun=False, cfg=None):
-    """Under torchrun (WORLD_SIZE > 1), refuse what cannot run data-parallel, before any process joins
-    the process group or writes anything: another command, a sweep (-m or fused), a resume. (kdrun train
-    would deadlock: rank 0 trains a teacher holding the store's lock that the other ranks wait for.)"""
-    if distributed.world_size() == 1:
-        return
-    if command not in TORCHRUN_COMMANDS:
-        allowed = " and ".join(f"kdrun {c}" for c in TORCHRUN_COMMANDS)
-        raise KdrunError(f"kdrun {command} does not run under torchrun (only {allowed} does); run it as one process")
-    if multirun:
-        raise KdrunError("-m (a sweep) does not run under torchrun; start one torchrun per point of the sweep")
-    if cfg is None:
-        return
-    from kdrun.sweep import is_fused
-
-    if cfg.get("resume"):
-        raise KdrunError("resume=true does not run under torchrun; resume the run as one process: kdrun resume RUN_DIR")
-    if is_fused(cfg):
-        raise KdrunError("sweep.fused=true does not run under torchrun; run the fused sweep as one process")
-
-
-def preflight(command, overrides, multirun):
-    """Compose and check every job before Hydra writes anything."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from kdrun.sweep import points
-    from kdrun.validate import validate
-
-    check_torchrun(command, multirun)
-    config_name, module_name = COMMANDS[command]
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    _check_group_choices(parsed)
-    jobs = _jobs(parsed, overrides, multirun)
-    module = importlib.import_module(module_name)
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name=config_name):
-        for job in jobs:
-            for cfg in points(compose(config_name=config_name, overrides=job)):  # a fused sweep's students
-                validate(cfg)
-                check_torchrun(command, cfg=cfg)
-                if hasattr(module, "preflight"):
-                    module.preflight(cfg, job)
-    return len(jobs)
-
-
-# ---------------------------------------------------------------- errors
-
-
-def explain(exc, command=None):
-    """One line for the user from any exception kdrun or Hydra raises."""
-    if isinstance(exc, KdrunError):
-        return str(exc)
-    text = str(exc).strip()
-    where = f"kdrun {command}" if command else "kdrun"
-    m = re.search(r"Could not override '([^']+)'\.\s*(To append|Key '.*' is not in struct)", text)
-    if m:
-        return f"unknown key '{m.group(1)}' for {where} (`{where} --help` lists the keys)"
-    m = re.search(r"Could not override '([^']+)'\.\s*No match in the defaults list", text)
-    if m:
-        return f"'{m.group(1)}' cannot be chosen in {where}"
-    m = re.search(r"Could not find '([^']+)/([^']+)'", text)
-    if m:
-        return f"unknown {m.group(1)} '{m.group(2)}'; choose from: {', '.join(group_options(m.group(1)))}"
-    if _is_user_error(exc):
-        return first_line(exc)
-    if isinstance(exc, OSError) and exc.strerror:  # a full disk, a read-only or forbidden folder
-        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
-    return f"{type(exc).__name__}: {first_line(exc)} (set KDRUN_DEBUG=1 for the traceback)"
-
-
-def _record_failure(run_dir, cfg, message, status="failed"):
-    from kdrun.io import write_json
-
-    try:
-        write_json(Path(run_dir) / "results.json", {
-            "command": cfg.get("command"), "status": status, "error": message, "run_dir": str(run_dir),
-        })
-    except OSError:
-        pass  # the error being reported matters more than this record
-
-
-# ---------------------------------------------------------------- running
-
-
-def run_hydra(command, argv):
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    config_name, module_name = COMMANDS[command]
-    failures = []  # a single run's exception, kept here so that Hydra prints nothing of its own
-
-    def task(cfg):
-        module = importlib.import_module(module_name)  # torch loads here, not for --help
-        hc = HydraConfig.get()
-        run_dir = Path(hc.runtime.output_dir)
-        interrupt.set_resume_dir(hc.sweep.dir if hc.mode == RunMode.MULTIRUN else run_dir)
-        try:
-            if distributed.world_size() > 1:
-                from kdrun.commands.common import resolve_device
-
-                distributed.init(resolve_device(cfg.device))
-            return module.run(cfg, run_dir)
-        except interrupt.Interrupted as e:
-            _record_failure(run_dir, cfg, f"interrupted by {e}", status="interrupted")
-            raise
-        except Exception as e:
-            message = explain(e, command)
-            _record_failure(run_dir, cfg, message)
-            if hc.mode == RunMode.MULTIRUN:  # the sweep goes on; its summary reports the failure
-                log.error("job %s failed: %s", run_dir, message)
-            else:
-                failures.append(e)
-
-    from kdrun.callbacks import LAST_SWEEP
-
-    LAST_SWEEP.clear()
-    app = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=config_name)(task)
-    scratch = None
-    if not distributed.is_main():  # under torchrun only rank 0 writes: the others' run dirs are private
-        scratch = tempfile.mkdtemp(prefix=f"kdrun-rank{distributed.rank()}-")
-        argv = [*argv, f"hydra.run.dir='{scratch}'", "hydra.output_subdir=null", "hydra.job_logging.root.level=WARNING"]
-    saved = sys.argv
-    sys.argv = ["kdrun", *argv]
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach `main`, which prints one line
-    try:
-        app()
-    finally:
-        sys.argv = saved
-        distributed.close()
-        if scratch:
-            shutil.rmtree(scratch, ignore_errors=True)
-    if failures:
-        raise failures[0]
-    failed = [row for row in LAST_SWEEP if row["status"] != "completed"]
-    if failed:
-        raise KdrunError(f"{len(failed)} sweep job(s) failed; first: {failed[0].get('error') or failed[0]['status']}")
-
-
 def complete(argv):
     """Shell completion. Hydra's completion script runs `kdrun -sc query=bash` with the whole line in
     COMP_LINE: complete the command word here, and hand the rest to that command's Hydra app."""
@@ -287,12 +64,20 @@ def complete(argv):
         return 0
     if words[1] not in COMMANDS:
         return 0
-    os.environ["COMP_LINE"] = os.environ["COMP_LINE"].replace(f" {words[1]}", "", 1)
+    try:
+        rest, folders = configs.split_user_folders(words[2:])
+        configs.use(folders)
+    except KdrunError:  # completion offers what it can; the command itself says what is wrong
+        rest = [w for w in words[2:] if w not in ("--config-dir", "-cd")]
+        configs.use([])
+    line = " ".join([words[0], *rest])  # without the command word and the folders (`use` hands those to Hydra)
+    os.environ["COMP_LINE"] = line + ("" if line_ends_word else " ")
     run_hydra(words[1], argv)
     return 0
 
 
 def dispatch(argv):
+    configs.use([])
     if argv and argv[0] in ("-sc", "--shell-completion"):
         return complete(argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -306,6 +91,8 @@ def dispatch(argv):
     command, rest = argv[0], argv[1:]
     if command in COMMANDS or command in PLAIN_COMMANDS:
         check_torchrun(command)
+    rest, folders = configs.split_user_folders(rest)  # --config-dir, hydra.searchpath, KDRUN_CONFIG_PATH
+    configs.use(folders)
     if command == "report":
         from kdrun import report
 
@@ -314,6 +101,10 @@ def dispatch(argv):
         from kdrun import resume
 
         return resume.main(rest)
+    if command == "models":
+        from kdrun.commands import models
+
+        return models.main(rest)
     if command not in COMMANDS:
         words = [*COMMANDS, *PLAIN_COMMANDS]
         close = difflib.get_close_matches(command, words, n=1)
@@ -360,7 +151,3 @@ def printable(text):
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
-def _is_user_error(exc):
-    if isinstance(exc, StorageError):
-        return False
-    return isinstance(exc, KdrunError) or type(exc).__module__.startswith(("hydra", "omegaconf"))

@@ -112,6 +112,19 @@ def wrap(model):
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def average_gradients(params):
+    """Average the gradients of parameters outside the DDP-wrapped model (an objective's regressor)
+    over the processes, as DDP does the model's; nothing without torchrun."""
+    if world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world_size())
+
+
 def bounds(n, index, world):
     """[start, stop) of rank `index`'s contiguous slice of n examples: sizes differ by at most one."""
     base, extra = divmod(n, world)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdrun.models import capabilities
+
 COMBINES = ("arithmetic", "geometric")
 
 
@@ -47,4 +49,4 @@ class Ensemble(nn.Module):
     @torch.no_grad()
     def constrain(self):
         for m in self.members:
-            m.constrain()
+            capabilities.constrain(m)

@@ -13,6 +13,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from kdrun import distributed, interrupt
 from kdrun.checkpoint import rng_state, set_rng_state
 from kdrun.errors import KdrunError
+from kdrun.models import capabilities
 
 
 @torch.no_grad()
@@ -65,16 +66,19 @@ class FiniteLoss:
 
 
 def fit(model, objective, train, test, optimizer, scheduler, *, epochs, batch_size, jitter, generator, flip=False,
-        recorder, checkpointer=None, progress="auto", precision="fp32", compile=False):
+        recorder, checkpointer=None, progress="auto", precision="fp32", compile=False, channels_last=False):
     """Train for `epochs`; after each epoch evaluate on `test`, hand a metrics row to `recorder` and save
     a checkpoint. A signal (see kdrun.interrupt) ends the current step, checkpoints mid-epoch and raises
     Interrupted. With a checkpoint to resume, training continues exactly where it stopped.
     precision="bf16" runs the objective under autocast (bfloat16 matmuls, float32 weights and losses);
-    compile=True runs the model through torch.compile.
+    compile=True runs the model through torch.compile; channels_last=True keeps the model's weights and
+    each batch's images in channels-last memory order (the same values, another layout).
     Returns (the last epoch's metrics row, seconds spent in this loop over all sessions)."""
     steps_per_epoch = train.n_batches(batch_size)
     total_steps = epochs * steps_per_epoch
     distributed.check_batches(len(train), batch_size)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     if compile:
         model.compile()  # in place: state_dict keys and checkpoints stay those of the plain model
     net = distributed.wrap(model)  # under torchrun, DistributedDataParallel (see kdrun.distributed)
@@ -88,8 +92,9 @@ def fit(model, objective, train, test, optimizer, scheduler, *, epochs, batch_si
         scheduler.load_state_dict(resumed["scheduler"])
         start_epoch, step, skip = resumed["epoch"], resumed["step"], resumed["batch"]
         row, elapsed = resumed["row"], resumed["elapsed"]
+        objective.load_state_dict(resumed["objective"])  # its parameters, buffers and extra state
         if not skip:
-            set_rng_state(resumed["rng"], generator, objective)
+            set_rng_state(resumed["rng"], generator)
     recorder.keep_epochs(start_epoch)
     show_bars = (sys.stderr.isatty() if progress == "auto" else bool(progress)) and distributed.is_main()
     epoch_bar = tqdm(range(start_epoch, epochs), desc=recorder.name, unit="epoch", disable=not show_bars,
@@ -97,9 +102,10 @@ def fit(model, objective, train, test, optimizer, scheduler, *, epochs, batch_si
     session_started = time.perf_counter()
 
     def state(epoch, batch, epoch_rng, sums, correct):
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        return {"model": model.state_dict(), "objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
                 "epoch": epoch, "step": step, "batch": batch, "epoch_rng": epoch_rng, "sums": dict(sums),
-                "correct": correct, "rng": rng_state(generator, objective), "row": row,
+                "correct": correct, "rng": rng_state(generator), "row": row,
                 "elapsed": elapsed + time.perf_counter() - session_started}
 
     # with bars on screen, log lines go through tqdm so that they do not break the bars
@@ -116,20 +122,23 @@ def fit(model, objective, train, test, optimizer, scheduler, *, epochs, batch_si
             if skip:
                 for _ in range(skip):
                     next(batches)
-                set_rng_state(resumed["rng"], generator, objective)
+                set_rng_state(resumed["rng"], generator)
                 sums.update(resumed["sums"])
                 correct += resumed["correct"].to(train.device)
             for i, batch in enumerate(tqdm(batches, total=steps_per_epoch, initial=skip, leave=False, unit="batch",
                                            disable=not show_bars), start=skip + 1):
                 n_global, batch = batch.x.shape[0], distributed.shard(batch)  # under torchrun, this rank's slice
+                if channels_last and batch.x.dim() == 4:
+                    batch.x = batch.x.contiguous(memory_format=torch.channels_last)
                 with autocast:
                     logits, loss, logs = objective(net, batch, step / total_steps)
                 finite.observe(loss, epoch, step, optimizer.param_groups[0]["lr"])
                 optimizer.zero_grad(set_to_none=True)
                 distributed.scaled(loss, batch.x.shape[0], n_global).backward()
+                distributed.average_gradients(objective.parameters())  # DDP averages only the model's
                 optimizer.step()
                 scheduler.step()
-                model.constrain()
+                capabilities.constrain(model)
                 n = batch.x.shape[0]
                 sums["loss"] = sums["loss"] + loss.detach().float() * n  # float: a bf16 sum would drift
                 for k, v in logs.items():

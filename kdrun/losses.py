@@ -1,4 +1,5 @@
-"""Distillation losses as pure functions over logits (see shared kd-reference, section 1).
+"""Distillation losses as pure functions over logits (Hinton, Vinyals & Dean, "Distilling the Knowledge
+in a Neural Network", 2015; the convention, the T^2 scaling and the high-T limit: docs/loss.md).
 
 Convention: alpha weights the soft term,
     loss = alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(y, q_1),
@@ -21,21 +22,31 @@ def kd_kl(student_logits, teacher_logits, T):
     return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
 
 
-def hinton_loss(student_logits, teacher_logits, labels, T, alpha):
+def zscore(logits, eps=1e-7):
+    """Logit standardisation (Sun et al. 2024): each example's logits less their mean, over their
+    standard deviation (unbiased, plus eps, as in the official code)."""
+    return (logits - logits.mean(-1, keepdim=True)) / (logits.std(-1, keepdim=True) + eps)
+
+
+def hinton_loss(student_logits, teacher_logits, labels, T, alpha, standardize=False):
     """Hinton et al. 2015. Returns (total, parts); parts hold every term, unweighted, for logging.
     With no teacher (teacher_logits None) alpha must be 0: the student trained alone; with no labels
-    (labels None, an unlabeled transfer set) alpha must be 1."""
+    (labels None, an unlabeled transfer set) alpha must be 1. standardize: the soft term compares the
+    z-scored logits (see zscore); the hard term keeps the raw ones."""
+    soft_student = zscore(student_logits) if standardize else student_logits
+    if standardize and teacher_logits is not None:
+        teacher_logits = zscore(teacher_logits)
     if labels is None:
         if alpha != 1 or teacher_logits is None:
             raise ValueError(f"alpha={alpha} needs labels")
-        soft = kd_kl(student_logits, teacher_logits, T)
+        soft = kd_kl(soft_student, teacher_logits, T)
         return T * T * soft, {"kd_unscaled": soft.detach(), "kd_scaled": (T * T * soft).detach()}
     hard = F.cross_entropy(student_logits, labels)
     if teacher_logits is None:
         if alpha != 0:
             raise ValueError(f"alpha={alpha} needs teacher logits")
         return hard, {"ce": hard.detach()}
-    soft = kd_kl(student_logits, teacher_logits, T)
+    soft = kd_kl(soft_student, teacher_logits, T)
     total = alpha * T * T * soft + (1 - alpha) * hard
     return total, {"ce": hard.detach(), "kd_unscaled": soft.detach(), "kd_scaled": (T * T * soft).detach()}
 

@@ -3,16 +3,20 @@
 import csv
 import io
 import itertools
+import json
+import os
 import statistics
 from pathlib import Path
 
+from kdrun import compare
 from kdrun.errors import KdrunError, usage_error
 from kdrun.io import atomic_write, read_json
 
-# what tells two runs' setups apart; the seed is what the mean and std are taken over
-GROUP_KEYS = ("label", "role", "dataset", "teacher", "student", "loss", "T", "alpha", "temperature_schedule",
-              "alpha_schedule", "epochs", "lr", "batch_size", "n_train", "n_test", "transfer_set", "labels", "augment",
-              "jitter", "flip", "views", "lam", "mu", "mmd_kernel", "bandwidth", "detach_targets", "weight", "n_students")
+# The fields of results.json a row carries. Runs whose results.json records its `config` are grouped by
+# that config (see `setup`); older ones, without it, by these fields.
+FIELDS = ("label", "role", "dataset", "teacher", "student", "loss", "T", "alpha", "temperature_schedule",
+          "alpha_schedule", "epochs", "lr", "batch_size", "n_train", "n_test", "transfer_set", "labels", "augment",
+          "jitter", "flip", "views", "lam", "mu", "mmd_kernel", "bandwidth", "detach_targets", "weight", "n_students")
 # (header, key, shown): "always", or "any" (when some row has a value) / "varies" (when rows differ)
 COLUMNS = [("model", "name", "always"), ("teacher", "teacher", "always"), ("student", "student", "always"),
            ("loss", "loss", "varies"), ("transfer", "transfer", "any"), ("epochs", "epochs", "varies"),
@@ -22,6 +26,14 @@ COLUMNS = [("model", "name", "always"), ("teacher", "teacher", "always"), ("stud
            ("train acc", "train_accuracy", "always"), ("test acc", "accuracy", "always"), ("n", "n", "always"),
            ("gap recovered", "gap_recovered", "always"), ("ensemble gain kept", "gain_kept", "any"),
            ("vs alone", "vs_alone", "any"), ("params", "n_params", "varies")]
+# top-level config keys that are not the setup: the seed (what mean and std are taken over), paths, speed
+NOT_SETUP = ("seed", "teacher_ckpt", "ckpt", "compile", "channels_last")
+# what a role's setup leaves out: a teacher is its own config and data; a student alone has no teacher,
+# so the temperature and the teacher's keys do nothing for it
+ROLE_SETUP = {"teacher": {"keep": ("teacher", "dataset")},
+              "student alone": {"drop": ("T", "temperature", "teacher", "teacher_seed", "loss.temperature")}}
+# the essential columns that show a setting, which a config column may repeat (T: temperature.value)
+SETUP_COLUMNS = ("teacher", "student", "loss", "epochs", "T", "alpha")
 ROLE_ORDER = ["teacher", "student alone", "distilled", "self-distilled", "mutual student", "mutual ensemble", "ensemble"]
 COMMANDS = ("train", "distill", "self-distill", "mutual", "ensemble")
 
@@ -29,6 +41,10 @@ COMMANDS = ("train", "distill", "self-distill", "mutual", "ensemble")
 def _cell(v, key=None):
     if key in ("T", "alpha") and isinstance(v, float):
         return f"{v:g}"
+    if isinstance(key, str) and key.endswith("._target_") and isinstance(v, str):
+        return v.rsplit(".", 1)[-1]
+    if isinstance(v, (list, dict)):
+        return json.dumps(v)
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) <= 1 else f"{v:g}"
     return "-" if v is None else str(v)
@@ -94,11 +110,12 @@ def summarise(runs):
     done = [r for r in runs if r.get("status") in ("completed", "reused")]
     groups = {}
     for r in done:
-        groups.setdefault(tuple(r.get(k) for k in GROUP_KEYS), []).append(r)
+        groups.setdefault(group_key(r), []).append(r)
     rows = []
-    for key, members in groups.items():
+    for members in groups.values():
         errors = [m["test_errors"] for m in members]
-        row = dict(zip(GROUP_KEYS, key))
+        row = {k: members[0].get(k) for k in FIELDS}
+        row.update(setup=setup(members[0]) or {}, members=members)
         row.update(errors_mean=statistics.fmean(errors), errors_std=statistics.stdev(errors) if len(errors) > 1 else 0.0,
                    accuracy=statistics.fmean(m["test_accuracy"] for m in members), n=len(members),
                    train_accuracy=_mean(members, lambda m: m.get("train_accuracy")),
@@ -131,9 +148,48 @@ def summarise(runs):
         if row["role"] not in ("teacher", "student alone"):
             row["vs_alone"] = _vs_alone(row, rows)
     rows.sort(key=lambda r: (ROLE_ORDER.index(r["role"]), str(r["student"]), str(r["label"]), r["T"] or 0,
-                             r["alpha"] or 0))
+                             r["alpha"] or 0, json.dumps(r["setup"], sort_keys=True, default=str)))
     failed = [r for r in runs if r.get("status") not in ("completed", "reused")]
     return rows, failed
+
+
+def flatten(config, prefix=""):
+    """{dotted key: value} of a nested dict; lists are values."""
+    out = {}
+    for k, v in config.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def setup(result):
+    """The flattened config a run is grouped by: every resolved key but the seed (any key named seed),
+    paths (NOT_SETUP's and any absolute path) and timing, as the run's role sees it (ROLE_SETUP).
+    None for a results.json without `config`."""
+    config = result.get("config")
+    if config is None:
+        return None
+    rule = ROLE_SETUP.get(result.get("role"), {})
+    if "keep" in rule:
+        config = {k: v for k, v in config.items() if k in rule["keep"]}
+    flat = flatten(config)
+    dropped = rule.get("drop", ())
+    return {k: v for k, v in flat.items() if k not in NOT_SETUP and k.rsplit(".", 1)[-1] != "seed"
+            and not any(k == d or k.startswith(d + ".") for d in dropped)
+            and not (isinstance(v, str) and os.path.isabs(v))}
+
+
+def group_key(result):
+    """Runs with equal keys are one row: the same role, label and teacher and the same setup (or, for
+    results.json without `config`, the same FIELDS). Older and newer results never share a row."""
+    flat = setup(result)
+    if flat is None:
+        return ("fields", *(json.dumps(result.get(k), sort_keys=True, default=str) for k in FIELDS))
+    return ("config", result.get("role"), result.get("label"), result.get("teacher"),
+            json.dumps(flat, sort_keys=True, default=str))
 
 
 def _gap(row, rows):
@@ -204,15 +260,68 @@ def paper_section(rows, paper):
 
 
 def visible_columns(rows):
+    """The essentials (COLUMNS) that apply, and after alpha every config key that tells two rows apart."""
     def shown(key, when):
         values = [r.get(key) for r in rows if r.get(key) is not None]
         return when == "always" or (when == "any" and values) or (when == "varies" and len(set(values)) > 1)
 
-    return [(header, key) for header, key, when in COLUMNS if shown(key, when)]
+    columns = [(header, key) for header, key, when in COLUMNS if shown(key, when)]
+    at = [key for _, key in columns].index("alpha") + 1
+    setup_columns = [key for _, key in columns if key in SETUP_COLUMNS]
+    return columns[:at] + [(k, k) for k in config_columns(rows, setup_columns)] + columns[at:]
+
+
+def _value(row, key):
+    setup = row.get("setup") or {}
+    return setup[key] if key in setup else row.get(key)
+
+
+def _same(a, b):
+    """Equal, or a class path and its class name (kdrun.objectives.HintonKD, HintonKD)."""
+    if a == b:
+        return True
+    return isinstance(a, str) and isinstance(b, str) and a.rsplit(".", 1)[-1] == b.rsplit(".", 1)[-1]
+
+
+def config_columns(rows, shown):
+    """Config keys (dotted) that differ between two rows of the same role, left out where that is
+    explained by a differing choice above the key (another `name` or `_target_` of an enclosing node:
+    student=cnn vs student=mlp800 differ in every student.* key) or where the column would repeat,
+    row for row, one already shown (temperature.value and T)."""
+    keys = sorted({k for r in rows for k in r.get("setup") or {}}, key=lambda k: (k.count("."), k))  # shortest first
+    chosen = []
+    for key in keys:
+        if _differs(rows, key) and not any(_repeats(rows, key, other) for other in [*shown, *chosen]):
+            chosen.append(key)
+    return chosen
+
+
+def with_config_values(rows, columns):
+    """Copies of rows holding the value of each config column among `columns` ((header, key) pairs)."""
+    essentials = {key for _, key, _ in COLUMNS}
+    keys = [k for _, k in columns if k not in essentials]
+    return [{**r, **{k: (r.get("setup") or {}).get(k) for k in keys}} for r in rows]
+
+
+def _differs(rows, key):
+    parents = [key.rsplit(".", i)[0] for i in range(key.count("."), 0, -1)]
+    choices = [f"{p}.{c}" for p in parents for c in ("name", "_target_") if f"{p}.{c}" != key]
+    for a, b in itertools.combinations([r for r in rows if key in (r.get("setup") or {})], 2):
+        if a["role"] == b["role"] and a["setup"][key] != b["setup"][key] and all(
+                a["setup"].get(c) == b["setup"].get(c) for c in choices):
+            return True
+    return False
+
+
+def _repeats(rows, key, other):
+    pairs = [(r["setup"][key], _value(r, other)) for r in rows if key in (r.get("setup") or {})]
+    pairs = [(a, b) for a, b in pairs if b is not None]
+    return bool(pairs) and all(_same(a, b) for a, b in pairs)
 
 
 def render(rows, failed, title, notes=""):
-    text = f"# {title}\n\n{notes}{markdown_table(_gap_cell(rows), visible_columns(rows))}\n"
+    columns = visible_columns(rows)
+    text = f"# {title}\n\n{notes}{markdown_table(with_config_values(_gap_cell(rows), columns), columns)}\n"
     text += "\nTest errors are the last epoch's, mean ± std over seeds (n runs); gap recovered = " \
             "(errors alone - errors distilled) / (errors alone - errors teacher), against the plain student " \
             "alone (no jitter) on the same transfer set, of the same epochs where there are several.\n"
@@ -232,7 +341,10 @@ def render(rows, failed, title, notes=""):
 
 def to_csv(rows):
     buf = io.StringIO()
-    fields = [*GROUP_KEYS, "errors_mean", "errors_std", "accuracy", "train_accuracy", "n", "seeds", "gap_recovered",
+    shown = visible_columns(rows)
+    columns = [k for _, k in shown if k not in {key for _, key, _ in COLUMNS} and k not in FIELDS]
+    rows = with_config_values(rows, shown)
+    fields = [*FIELDS, *columns, "errors_mean", "errors_std", "accuracy", "train_accuracy", "n", "seeds", "gap_recovered",
               "gain_kept", "vs_alone", "n_params", "members_errors_mean", "corrected_mean", "shift"]
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
@@ -276,12 +388,32 @@ def plot(rows, path):
     plt.close(fig)
 
 
-def write(paths, out_dir, title="kdrun report", paper=None):
+def comparison_section(c):
+    """A report section of compare.paired's result: the pairs, the mean difference, its std, the t-test."""
+    def num(v, sign=False):
+        if float(v).is_integer():
+            return f"{v:+g}" if sign else f"{v:g}"
+        return f"{v:+.2f}" if sign else f"{v:.2f}"
+
+    pairs = [{"seed": s, "a": num(x), "b": num(y), "d": num(d, sign=True)}
+             for s, x, y, d in zip(c["seeds"], c["errors_a"], c["errors_b"], c["diffs"])]
+    table = markdown_table(pairs, [("seed", "seed"), (f"A: {c['a']}", "a"), (f"B: {c['b']}", "b"), ("A - B", "d")])
+    test = (f"paired t-test t = {c['t']:.3f}, p = {c['p']:.4g} (two-sided)" if c["p"] is not None else
+            "paired t-test undefined (every pair differs by the same amount)")
+    return (f"\n## Paired comparison: {c['a']} vs {c['b']}\n\n{table}\n\n"
+            f"Mean difference A - B: {num(c['mean'], sign=True)} test errors, std {c['std']:.2f} over {c['n']} seeds; "
+            f"{test}. Negative: A makes fewer errors.\n")
+
+
+def write(paths, out_dir, title="kdrun report", paper=None, comparisons=()):
     """Summarise, then write report.md/.csv (and .png when there are temperatures to plot).
-    `paper`: a preset's reference numbers and differences from the paper (see paper_section)."""
+    `paper`: a preset's reference numbers and differences from the paper (see paper_section);
+    `comparisons`: (A, B) selector pairs, each a paired comparison over seeds (kdrun.compare)."""
     rows, failed = summarise(collect(paths))
     out_dir = Path(out_dir)
+    compared = [compare.paired(rows, a, b) for a, b in comparisons]  # a bad selector stops before any write
     text = render(rows, failed, title, paper_section(rows, paper) if paper else "")
+    text += "".join(comparison_section(c) for c in compared)
     atomic_write(out_dir / "report.md", lambda f: f.write(text), mode="w")
     atomic_write(out_dir / "report.csv", lambda f: f.write(to_csv(rows)), mode="w")
     if any(r["role"] == "distilled" and r["T"] is not None for r in rows):
@@ -324,21 +456,25 @@ def _overrides_of(job_dir):
 
 
 def main(argv):
-    """`kdrun report PATH... [--out DIR]`."""
+    """`kdrun report PATH... [--out DIR] [--compare A B]...`."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="kdrun report", description="Summarise results.json files under PATHs.")
     parser.add_argument("paths", nargs="+", help="sweep dirs, run dirs, results.json files or a workdir")
     parser.add_argument("--out", help="where report.md/.csv/.png go (default: the first PATH if a folder, else .)")
+    parser.add_argument("--compare", nargs=2, action="append", metavar=("A", "B"), default=[],
+                        help="paired comparison over seeds of rows A and B (test errors A - B, std, paired t-test); "
+                             "A, B: a row's model name, or KEY=VALUE terms joined by commas (loss=hinton,T=2)")
     parser.error = usage_error
     args = parser.parse_args(argv)
     for p in args.paths:
         if not Path(p).exists():
             raise KdrunError(f"no such file or folder: {p}")
     out = Path(args.out or (args.paths[0] if Path(args.paths[0]).is_dir() else "."))
-    text, rows = write(args.paths, out)
+    rows, _ = summarise(collect(args.paths))
     if not rows:
         raise KdrunError(f"no completed train or distill results under {', '.join(args.paths)}")
+    text = write(args.paths, out, comparisons=[tuple(c) for c in args.compare])[0]
     print(text)
     print(f"written: {out / 'report.md'}, {out / 'report.csv'}" + (f", {out / 'report.png'}" if (out / "report.png").exists() else ""))
     return 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from kdrun import interrupt
+from kdrun import configs, interrupt
 from kdrun.errors import KdrunError, first_line
 from kdrun.io import read_json
 
@@ -38,6 +38,8 @@ def resume_run(run_dir):
         return 0
     saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     overrides = [str(o) for o in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")]
+    if (run_dir / ".hydra" / "hydra.yaml").is_file():
+        use_user_folders(OmegaConf.load(run_dir / ".hydra" / "hydra.yaml"))
     _run(saved.command, overrides, run_dir, _places(run_dir, saved))
     return 0
 
@@ -45,10 +47,11 @@ def resume_run(run_dir):
 def resume_sweep(sweep_dir):
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from kdrun.cli import sweep_points
+    from kdrun.launch import sweep_points
     from kdrun.report import write_sweep_summary
 
     saved = OmegaConf.load(sweep_dir / "multirun.yaml")
+    use_user_folders(saved)
     if OmegaConf.to_container(saved.hydra.sweep)["subdir"] != "${hydra.job.num}":
         raise KdrunError(f"cannot resume {sweep_dir}: its jobs are not in numbered folders (hydra.sweep.subdir)")
     task = [str(o) for o in saved.hydra.overrides.task]
@@ -76,6 +79,14 @@ def resume_sweep(sweep_dir):
     return 0
 
 
+def use_user_folders(saved):
+    """The user's config folders the run was started with (its Hydra config's search path), then
+    KDRUN_CONFIG_PATH's, so that its own configs compose again."""
+    sources = OmegaConf.select(saved, "hydra.runtime.config_sources", default=None) or []
+    folders = [f"{s.schema}://{s.path}" for s in sources if s.provider == "kdrun user folder"]
+    configs.use(folders + configs.from_env())
+
+
 def _places(target, saved):
     """workdir and data_dir as the run resolved them (its config.yaml, or a sweep job's), so that
     resuming from another shell or with other KDRUN_* variables finds the same store and data."""
@@ -87,7 +98,7 @@ def _places(target, saved):
 
 
 def _run(command, overrides, run_dir, places):
-    from kdrun.cli import run_hydra
+    from kdrun.launch import run_hydra
 
     own = [o for o in overrides if o.partition("=")[0].lstrip("+~") not in SET_BY_RESUME]
     extra = [f"{k}={_quoted(v)}" for k, v in places.items()] + ["resume=true", f"hydra.run.dir={_quoted(run_dir)}"]

@@ -1,35 +1,40 @@
-"""A run directory's metrics.jsonl and model.pt (checkpoints: kdrun.checkpoint)."""
+"""A run directory's metrics.jsonl and model.pt (checkpoints: kdrun.checkpoint); each epoch's row also goes
+to the trackers `logger=...` chose (kdrun.tracking)."""
 
 import json
 import logging
 import os
 from pathlib import Path
 
-from kdrun import __version__
+from kdrun import __version__, tracking
 from kdrun.io import atomic_write, save_torch
 
 log = logging.getLogger("kdrun")
 NOT_TERMS = {"lr", "T", "alpha", "train_accuracy", "test_accuracy", "seconds"}  # metrics rows' other floats
 
 
-def save_model(path, model, arch, dataset, extra):
-    """A kdrun model.pt: weights plus what rebuilds them (see commands.common.load_model)."""
+def save_model(path, model, arch, dataset, num_classes, extra):
+    """A kdrun model.pt: weights plus what rebuilds them (see commands.common.load_model); `num_classes`
+    is the number of outputs the model was built with."""
     save_torch(path, {"model": model.state_dict(), "arch": arch, "dataset": dataset,
-                      "num_classes": model.head.out_features, "kdrun_version": __version__, **extra})
+                      "num_classes": int(num_classes), "kdrun_version": __version__, **extra})
 
 
 class Recorder:
-    """metrics.jsonl (one row per epoch) and the log line of each epoch."""
+    """metrics.jsonl (one row per epoch), the log line of each epoch, and the trackers' run of this dir."""
 
     def __init__(self, run_dir, name):
         self.dir = Path(run_dir)
         self.name = name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
+        self.tracked = tracking.run_for(self.dir)  # None when nothing is tracked
 
     def keep_epochs(self, n):
         """Keep the rows of the first n epochs: none for a fresh run (into a reused dir too), the
         checkpoint's for a resumed one (a row written after the checkpoint is written again)."""
+        if self.tracked is not None:
+            self.tracked.resumed_at(n)
         if not self.metrics_path.exists():
             return
         rows = self.metrics_path.read_text().splitlines()[:n]
@@ -44,3 +49,5 @@ class Recorder:
         train_acc = "-" if row["train_accuracy"] is None else f"{row['train_accuracy']:.4f}"
         log.info("%s epoch %d: %s train_acc=%s test_errors=%d/%d lr=%.3g (%.1fs)", self.name, row["epoch"],
                  terms, train_acc, row["test_errors"], row["n_test"], row["lr"], row["seconds"])
+        if self.tracked is not None:
+            self.tracked.epoch_end(row)

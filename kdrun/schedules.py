@@ -33,23 +33,36 @@ class Anneal:
 
 
 class LrShape:
-    """Learning-rate multiplier per optimiser step: linear warm-up, then cosine to zero or constant."""
+    """Learning-rate multiplier per optimiser step: linear warm-up, then cosine to zero, constant, or
+    `step`: multiplied by `gamma` at each of `milestones`, given as fractions of training (the CIFAR
+    recipe's epochs 150, 180, 210 of 240 are 0.625, 0.75, 0.875), so a shorter run keeps the shape."""
 
-    def __init__(self, total_steps, kind="cosine", warmup_steps=0):
-        if kind not in ("cosine", "constant"):
-            raise ValueError(f"lr schedule must be cosine or constant, got {kind!r}")
+    KINDS = ("cosine", "constant", "step")
+
+    def __init__(self, total_steps, kind="cosine", warmup_steps=0, milestones=(), gamma=0.1):
+        if kind not in self.KINDS:
+            raise ValueError(f"lr schedule must be one of {', '.join(self.KINDS)}, got {kind!r}")
+        milestones = [float(m) for m in milestones]
+        if any(not 0 < m < 1 for m in milestones) or milestones != sorted(milestones):
+            raise ValueError(f"lr milestones must be increasing fractions of training in (0, 1), got {milestones}")
+        if kind == "step" and not milestones:
+            raise ValueError("lr schedule step needs milestones (fractions of training, e.g. [0.5, 0.75])")
         self.total_steps, self.kind, self.warmup_steps = max(int(total_steps), 1), kind, int(warmup_steps)
+        self.boundaries = [round(m * self.total_steps) for m in milestones]
+        self.gamma = float(gamma)
 
     def __call__(self, step):
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         if self.kind == "constant":
             return 1.0
+        if self.kind == "step":
+            return self.gamma ** sum(step >= b for b in self.boundaries)
         span = max(self.total_steps - self.warmup_steps, 1)
         return 0.5 * (1 + math.cos(math.pi * min(step - self.warmup_steps, span) / span))
 
 
-def lr_schedule(optimizer, total_steps, kind="cosine", warmup_steps=0):
+def lr_schedule(optimizer, total_steps, kind="cosine", warmup_steps=0, milestones=(), gamma=0.1):
     import torch
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, LrShape(total_steps, kind, warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LrShape(total_steps, kind, warmup_steps, milestones, gamma))

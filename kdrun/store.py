@@ -10,20 +10,32 @@ from filelock import FileLock
 from omegaconf import OmegaConf
 
 from kdrun.checkpoint import Checkpointer
+from kdrun.data.readers import reader_identity
 from kdrun.errors import KdrunError
 from kdrun.io import atomic_write, content_key, read_json, sha256_file, write_json
+from kdrun.models.build import RESERVED
 
 log = logging.getLogger("kdrun")
 
 
 def dataset_identity(ds):
-    return {"name": ds.name, "limit": ds.limit, "subset_seed": ds.subset_seed}
+    """The dataset a teacher learns from, by config: its name, subset, and what of its reader's options
+    changes the data (CIFAR-100's coarse labels, an image folder's size and channels)."""
+    identity = {"name": ds.name, "limit": ds.limit, "subset_seed": ds.subset_seed}
+    if ds.get("reader") is not None:
+        identity["reader"] = reader_identity(ds)
+    return identity
 
 
 def teacher_identity(cfg, seed):
-    """Everything that determines a trained teacher; `cfg.teacher.recipe` must be the effective recipe."""
+    """Everything that determines a trained teacher; `cfg.teacher.recipe` must be the effective recipe.
+    The model config's `features:` and `head:` only name its parts, so they are left out: naming another
+    stage finds the same stored teacher."""
+    teacher = OmegaConf.to_container(cfg.teacher, resolve=True)
+    if isinstance(teacher.get("model"), dict):
+        teacher["model"] = {k: v for k, v in teacher["model"].items() if k not in RESERVED}
     return {
-        "teacher": OmegaConf.to_container(cfg.teacher, resolve=True),
+        "teacher": teacher,
         "dataset": dataset_identity(cfg.dataset),
         "seed": int(seed),
     }

@@ -52,6 +52,12 @@ def _positive(name, value):
 def model_spec(role, spec):
     """A model config and its recipe (`role`: how messages name it, e.g. teacher or student)."""
     m = spec.model
+    if str(m.get("_target_", "")).startswith("kdrun."):  # kdrun's own models' keys; another model checks its own
+        _own_model_keys(role, m)
+    _recipe(role, spec.recipe)
+
+
+def _own_model_keys(role, m):
     for key in ("dropout_input", "dropout_hidden", "dropout"):
         if key in m:
             _in_range(f"{role}.model.{key}", m[key], 0, 1, hi_open=True)
@@ -67,7 +73,9 @@ def model_spec(role, spec):
         integer(f"{role}.model.depth", m.depth, 8)
     if m.get("max_norm") is not None:
         _positive(f"{role}.model.max_norm", m.max_norm)
-    r = spec.recipe
+
+
+def _recipe(role, r):
     integer(f"{role}.recipe.epochs", r.epochs, 1)
     integer(f"{role}.recipe.batch_size", r.batch_size, 1)
     integer(f"{role}.recipe.jitter", r.jitter, 0)
@@ -94,7 +102,7 @@ def validate(cfg):
         _positive("lr", cfg.lr)
     integer("seed", cfg.seed, 0)
     integer("teacher_seed", cfg.teacher_seed, 0)
-    for key in ("retrain", "resume", "compile"):
+    for key in ("retrain", "resume", "compile", "channels_last"):
         boolean(key, cfg[key])
     if cfg.precision is not None:
         _choice("precision", cfg.precision, PRECISIONS)
@@ -105,6 +113,8 @@ def validate(cfg):
     integer("dataset.test_limit", ds.test_limit, 1, allow_none=True)
     integer("dataset.subset_seed", ds.subset_seed, 0)
     for key in ("mean", "std"):
+        if ds[key] == "auto":  # computed over the train split
+            continue
         values = ds[key] if OmegaConf.is_list(ds[key]) else [ds[key]]
         if len(values) not in (1, ds.shape[0]):
             raise KdrunError(f"dataset.{key} must be one number or one per channel ({ds.shape[0]}), got {list(values)}")
@@ -113,6 +123,12 @@ def validate(cfg):
                 _positive("dataset.std", v)
             else:
                 _in_range("dataset.mean", v, 0, 1)
+    if ds.get("in_memory", "auto") not in ("auto", True, False):
+        raise KdrunError(f"dataset.in_memory must be auto, true or false, got {ds.in_memory!r}")
+    if ds.get("max_memory_gb") is not None:
+        _positive("dataset.max_memory_gb", ds.max_memory_gb)
+    if ds.get("workers", "auto") != "auto":
+        integer("dataset.workers", ds.workers, 0)
     if ds.limit is not None and ds.limit < ds.num_classes:
         raise KdrunError(f"dataset.limit must be at least the number of classes ({ds.num_classes}), got {ds.limit}")
     if "members" in cfg.teacher:

@@ -1,9 +1,13 @@
+import contextlib
 import gzip
+import io
+import logging
 import os
 import shutil
 import struct
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -112,3 +116,135 @@ def cifar_dir(tmp_path):
     root = tmp_path / "cifar_data"
     write_cifar_like(root / "cifar-10-batches-py")
     return root
+
+
+# ---------------------------------------------------------------- the CLI in this process
+
+class _ToBuffer(logging.Handler):
+    """What a fresh process has before Hydra configures logging (logging.lastResort): warnings and
+    errors on stderr, written to whatever sys.stderr is when the record comes."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+
+    def emit(self, record):
+        sys.stderr.write(self.format(record) + "\n")
+
+
+# Python's own warning filters (those of a process started without -W), so a warning the CLI would
+# print in its own process reaches the captured stderr here too, where it was emitted
+PYTHON_WARNING_FILTERS = [("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, None),
+                          ("ignore", PendingDeprecationWarning, None), ("ignore", ImportWarning, None),
+                          ("ignore", ResourceWarning, None)]
+
+
+def kdrun_in_process(args, env=None, cwd=None):
+    """`kdrun ARGS` as `kdrun.cli.main(ARGS)` in this process, with the environment `env` (the whole
+    environment, as a subprocess gets it) and the working directory `cwd`; returns a CompletedProcess
+    (returncode, stdout, stderr) like subprocess.run. What a process would start afresh is restored
+    around the call: os.environ, the cwd, Hydra's global state, the root logger's handlers and the
+    warning filters. It saves starting Python, torch and Hydra (seconds a call) and reuses the data
+    already read; use the `kdrun` fixture where a separate process is the point."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from kdrun import cli
+
+    args = [str(a) for a in args]
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(env)
+        if cwd is not None:
+            os.chdir(cwd)
+        GlobalHydra.instance().clear()
+        root.handlers = [_ToBuffer()]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.resetwarnings()
+            for action, category, module in reversed(PYTHON_WARNING_FILTERS):
+                warnings.filterwarnings(action, category=category, module=module or "")
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
+                warnings.formatwarning(message, category, filename, lineno, line))
+            try:
+                cli.main(args)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        for handler in root.handlers:  # Hydra's console and file handlers of the run
+            if handler not in saved_handlers:
+                handler.close()
+        root.handlers = saved_handlers
+        root.setLevel(saved_level)
+        GlobalHydra.instance().clear()
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(["kdrun", *args], code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture
+def kdrun_here(env, tmp_path):
+    """The `kdrun` fixture's run(), in this process (kdrun_in_process): same arguments, same result."""
+
+    def run(*args, check=True, extra_env=None):
+        proc = kdrun_in_process(args, env={**env, **(extra_env or {})}, cwd=tmp_path)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kdrun {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+        return proc
+
+    return run
+
+
+def trained_teacher(tmp_path_factory, data_dir, args):
+    """A workdir whose store holds the teacher `kdrun train ARGS` trains (in process)."""
+    work = tmp_path_factory.mktemp("teacher")
+    env = {**os.environ, "KDRUN_WORKDIR": str(work / "work"), "KDRUN_DATA": str(data_dir)}
+    env.pop("KDRUN_DEBUG", None)
+    proc = kdrun_in_process(["train", *args], env=env, cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work / "work" / "teachers"
+
+
+@pytest.fixture(scope="session")
+def mlp30_teachers(tmp_path_factory, data_dir):
+    """The store of one trained teacher, `kdrun train teacher=mlp30 teacher.recipe.epochs=1` on QUICK,
+    trained once for the session: copy it into a test's workdir (`use_teachers`) instead of training."""
+    return trained_teacher(tmp_path_factory, data_dir, ["teacher=mlp30", "teacher.recipe.epochs=1", *QUICK])
+
+
+def use_teachers(store, workdir):
+    """Copy a trained teacher store (a session fixture's) into `workdir`/teachers."""
+    shutil.copytree(store, Path(workdir) / "teachers", dirs_exist_ok=True)
+
+
+# ---------------------------------------------------------------- tiers
+
+SUBPROCESS_FIXTURES = {"kdrun", "env"}  # a test that asks for these starts the CLI in its own process
+
+
+def pytest_collection_modifyitems(items):
+    """A test that runs the CLI in a subprocess (it asks for the `kdrun` or `env` fixture) is an
+    end-to-end test: marked slow, so `make test-fast` (-m "not slow") leaves it out. Mark slow by hand
+    what else trains or starts processes (docs/testing.md)."""
+    for item in items:
+        if SUBPROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _no_logging_handlers_left_behind():
+    """A Hydra app run in a test's process (`--help`, a run) leaves its handlers on the root logger,
+    bound to that test's captured stdout/stderr, which are closed once it ends: the next test that
+    logs would print a logging error. Remove what a test added (pytest's own handlers excepted)."""
+    root = logging.getLogger()
+    before, level = root.handlers[:], root.level
+    yield
+    for handler in root.handlers[:]:
+        if handler not in before and not type(handler).__module__.startswith("_pytest"):
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)

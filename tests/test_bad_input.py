@@ -8,13 +8,28 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import KDRUN, QUICK, write_mnist_like
+from conftest import KDRUN, QUICK, kdrun_in_process, use_teachers, write_mnist_like
 
 T30 = ["teacher=mlp30", "teacher.recipe.epochs=1"]
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def options(group):
+    """The options of a config group as an `unknown ...` message lists them (every config in the folder)."""
+    return ", ".join(sorted(p.stem for p in (CONF / group).glob("*.yaml")))
+
+
+# process-wide state a subprocess starts afresh: urllib's opener keeps the proxies of its first use
+IN_A_PROCESS = {"dataset-absent-offline", "cifar-absent-offline"}
+
+
+def run_process(args, env, cwd):
+    return subprocess.run([*KDRUN, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def run(args, env, cwd):
-    return subprocess.run([*KDRUN, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    """The CLI in this process (the same main(), stderr and exit code, a second not a process start)."""
+    return kdrun_in_process(args, env=env, cwd=cwd)
 
 
 def snapshot(root):
@@ -24,7 +39,7 @@ def snapshot(root):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, data_dir):
+def world(tmp_path_factory, data_dir, mlp30_teachers):
     """A workdir with a trained mlp30 teacher and its cache, and damaged files beside it."""
     import os
 
@@ -34,8 +49,8 @@ def world(tmp_path_factory, data_dir):
     offline = "http://127.0.0.1:9"  # a closed local port: any download fails at once, network or not
     env = {**os.environ, "KDRUN_WORKDIR": str(root / "work"), "KDRUN_DATA": str(local_data),
            "http_proxy": offline, "https_proxy": offline, "HTTP_PROXY": offline, "HTTPS_PROXY": offline}
-    for args in (["train", *T30, *QUICK], ["soft-targets", *T30, *QUICK]):
-        assert run(args, env, root).returncode == 0
+    use_teachers(mlp30_teachers, root / "work")  # `kdrun train` of T30 on QUICK, trained once a session
+    assert run(["soft-targets", *T30, *QUICK], env, root).returncode == 0
     teacher = next((root / "work" / "teachers").glob("*/model.pt"))
     cache = next((root / "work" / "soft_targets").glob("*/*.pt"))
     files = root / "files"
@@ -85,23 +100,25 @@ CASES = [
      "kdrun: error: temperature picks a schedule (anneal, constant); to set the value use T=7"),
     ("unknown-command", ["frobnicate"],
      "kdrun: error: unknown command 'frobnicate'; choose from: train, soft-targets, distill, pipeline, evaluate, specialists, "
-     "self-distill, mutual, report, resume"),
+     "self-distill, mutual, report, resume, models"),
     ("misspelt-command", ["distil"],
      "kdrun: error: unknown command 'distil' (did you mean distill?); choose from: train, soft-targets, distill, pipeline, evaluate, "
-     "specialists, self-distill, mutual, report, resume"),
+     "specialists, self-distill, mutual, report, resume, models"),
     ("report-without-paths", ["report"], "kdrun: error: the following arguments are required: paths"),
     ("report-missing-path", ["report", "{root}/nope"], "kdrun: error: no such file or folder: {root}/nope"),
-    ("unknown-teacher", ["train", "teacher=resnet", *QUICK],
-     "kdrun: error: unknown teacher 'resnet' (did you mean resnet20?); choose from: cnn, ensemble, lenet5, mlp1200, "
-     "mlp1200_adamw, mlp30, mlp300, mlp800, resnet20"),
+    ("unknown-teacher", ["train", "teacher=mlp1201", *QUICK],
+     f"kdrun: error: unknown teacher 'mlp1201' (did you mean mlp1200?); choose from: {options('teacher')}"),
     ("unknown-student", ["distill", "student=big", *QUICK],
-     "kdrun: error: unknown student 'big'; choose from: cnn, lenet5, mlp1200_adamw, mlp30, mlp300, mlp800, resnet20, resnet8"),
+     f"kdrun: error: unknown student 'big'; choose from: {options('student')}"),
     ("unknown-loss", ["distill", *QUICK, "loss=foo"],
-     "kdrun: error: unknown loss 'foo'; choose from: hinton, logit_matching"),
+     "kdrun: error: unknown loss 'foo'; choose from: at, dist, dkd, fitnet, hinton, logit_matching, mutual, rkd, "
+     "self_distill, sp"),
     ("unknown-dataset", ["distill", "dataset=imagenet"],
-     "kdrun: error: unknown dataset 'imagenet'; choose from: cifar10, fashion_mnist, mnist"),
+     "kdrun: error: unknown dataset 'imagenet' (did you mean imagefolder?); choose from: cifar10, cifar100, "
+     "fashion_mnist, imagefolder, mnist, svhn"),
     ("unknown-dataset-near-miss", ["distill", "dataset=cifar"],
-     "kdrun: error: unknown dataset 'cifar' (did you mean cifar10?); choose from: cifar10, fashion_mnist, mnist"),
+     "kdrun: error: unknown dataset 'cifar' (did you mean cifar10?); choose from: cifar10, cifar100, fashion_mnist, "
+     "imagefolder, mnist, svhn"),
     ("unknown-key", ["distill", *QUICK, "foo=1"],
      f"kdrun: error: unknown key 'foo' for {D} (`{D} --help` lists the keys)"),
     ("unknown-nested-key", ["distill", *QUICK, "teacher.model.widht=3"],
@@ -213,9 +230,9 @@ CASES = [
      "kdrun: error: teacher.members[0]: a member cannot itself be an ensemble"),
     ("ensemble-member-bad-value", ["train", *QUICK, "teacher=ensemble", "teacher.members=['teacher.model.dropout_input=2']"],
      "kdrun: error: teacher.members[0].model.dropout_input must be in [0, 1), got 2"),
-    ("ensemble-member-unknown", ["distill", *QUICK, "teacher=ensemble", "teacher.members=['teacher=resnet']"],
-     "kdrun: error: teacher.members[0]: unknown teacher 'resnet'; choose from: cnn, ensemble, lenet5, mlp1200, "
-     "mlp1200_adamw, mlp30, mlp300, mlp800, resnet20"),
+    ("ensemble-member-unknown", ["distill", *QUICK, "teacher=ensemble", "teacher.members=['teacher=mlp1201']"],
+     f"kdrun: error: teacher.members[0]: unknown teacher 'mlp1201' (did you mean mlp1200?); choose from: "
+     f"{options('teacher')}"),
     ("ensemble-with-teacher-seed", ["distill", *QUICK, "teacher=ensemble", "teacher_seed=2"],
      "kdrun: error: teacher_seed and teacher_ckpt pick one teacher; an ensemble's are teacher.members"),
     ("ensemble-member-missing", ["distill", *QUICK, "teacher=ensemble", "teacher.member=mlp30", "teacher.recipe.epochs=1",
@@ -261,14 +278,19 @@ CASES = [
      "kdrun: error: kdrun specialists trains its own generalist: teacher= must name one model, not an ensemble"),
     ("unknown-experiment", ["pipeline", "experiment=hinton"],
      "kdrun: error: unknown experiment 'hinton' (did you mean hinton_mnist?); choose from: born_again, demo, ensemble_fashion, "
-     "hinton_fashion, hinton_mnist, omit_class, only_classes, regulariser, self_teaching_fashion, specialists_fashion, "
+     "hinton_fashion, hinton_mnist, methods_fashion, omit_class, only_classes, regulariser, self_teaching_fashion, "
+     "specialists_fashion, "
      "student_size"),
     ("channels-zero", ["train", *QUICK, "teacher=cnn", "teacher.model.channels=[0]"],
      "kdrun: error: teacher.model.channels must be a non-empty list of integers >= 1, got [0]"),
     ("weight-decay-negative", ["train", *QUICK, "teacher.recipe.optimizer.weight_decay=-1"],
      "kdrun: error: invalid teacher config: Invalid weight_decay value: -1"),
-    ("lr-schedule-unknown", ["distill", *T30, *QUICK, "student.recipe.scheduler.kind=step"],
-     "kdrun: error: invalid student config: lr schedule must be cosine or constant, got 'step'"),
+    ("lr-schedule-unknown", ["distill", *T30, *QUICK, "student.recipe.scheduler.kind=stairs"],
+     "kdrun: error: invalid student config: lr schedule must be one of cosine, constant, step, got 'stairs'"),
+    ("lr-milestones-unordered", ["distill", *T30, *QUICK, "student.recipe.scheduler.kind=step",
+                                 "+student.recipe.scheduler.milestones=[0.75,0.5]"],
+     "kdrun: error: invalid student config: lr milestones must be increasing fractions of training in (0, 1), "
+     "got [0.75, 0.5]"),
     ("anneal-shape-unknown", ["distill", *T30, *QUICK, "temperature=anneal", "temperature.shape=zigzag"],
      "kdrun: error: invalid loss config: anneal shape must be linear or cosine, got 'zigzag'"),
     ("alpha-anneal-start-high", ["distill", *T30, *QUICK, "alpha=anneal", "alpha_schedule.start=2"],
@@ -281,14 +303,14 @@ CASES = [
     # self-distillation, mutual learning, born-again chains, augmentation
     ("mutual-one-student", ["mutual", *QUICK, "mutual.students=1"],
      "kdrun: error: mutual.students must be an integer >= 2, got 1"),
-    ("mutual-negative-weight", ["mutual", *QUICK, "mutual.objective.weight=-1"],
-     "kdrun: error: invalid mutual.objective config: weight must be >= 0, got -1"),
-    ("self-distill-negative-lambda", ["self-distill", *QUICK, "self_distill.lam=-1"],
-     "kdrun: error: invalid self_distill config: lam and mu must be >= 0, got lam=-1, mu=0.0005"),
-    ("self-distill-unknown-kernel", ["self-distill", *QUICK, "self_distill.mmd_kernel=cosine"],
-     "kdrun: error: invalid self_distill config: mmd kernel must be linear or gaussian, got 'cosine'"),
-    ("self-distill-erase-above-1", ["self-distill", *QUICK, "self_distill.distortions.erase=2"],
-     "kdrun: error: invalid self_distill config: erase must be in [0, 1], got 2"),
+    ("mutual-negative-weight", ["mutual", *QUICK, "loss.weight=-1"],
+     "kdrun: error: invalid loss config: weight must be >= 0, got -1"),
+    ("self-distill-negative-lambda", ["self-distill", *QUICK, "loss.lam=-1"],
+     "kdrun: error: invalid loss config: lam and mu must be >= 0, got lam=-1, mu=0.0005"),
+    ("self-distill-unknown-kernel", ["self-distill", *QUICK, "loss.mmd_kernel=cosine"],
+     "kdrun: error: invalid loss config: mmd kernel must be linear or gaussian, got 'cosine'"),
+    ("self-distill-erase-above-1", ["self-distill", *QUICK, "loss.distortions.erase=2"],
+     "kdrun: error: invalid loss config: erase must be in [0, 1], got 2"),
     ("flip-not-boolean", ["distill", *T30, *QUICK, "student.recipe.flip=maybe"],
      "kdrun: error: student.recipe.flip must be true or false, got 'maybe'"),
     ("flip-with-cached-targets", ["distill", *T30, *QUICK, "student.recipe.flip=true"],
@@ -307,8 +329,8 @@ CASES = [
     ("pipeline-ensemble-other-seeds", ["pipeline", *T30, *QUICK, "+pipeline.runs.x=['alpha=0','seed=0,1']",
                                        "+pipeline.ensembles.e=[x,distilled]"],
      "kdrun: error: pipeline.ensembles.e: its runs have different seeds; they pair up seed by seed"),
-    ("self-distill-bandwidth-zero", ["self-distill", *QUICK, "self_distill.bandwidth=0"],
-     "kdrun: error: invalid self_distill config: bandwidth must be a number > 0 or null, got 0"),
+    ("self-distill-bandwidth-zero", ["self-distill", *QUICK, "loss.bandwidth=0"],
+     "kdrun: error: invalid loss config: bandwidth must be a number > 0 or null, got 0"),
     ("mutual-without-labels", ["mutual", *QUICK, "transfer.labels=false"],
      "kdrun: error: transfer.labels=false is for kdrun distill; kdrun mutual trains on labels, with no teacher"),
     ("dataset-std-zero", ["train", *QUICK, "dataset.std=0"], "kdrun: error: dataset.std must be > 0, got 0"),
@@ -369,12 +391,14 @@ CASES = [
 
 
 @pytest.mark.parametrize("args,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_nonzero_and_harmless(world, args, expected):
+def test_bad_input_is_one_line_nonzero_and_harmless(world, args, expected, request, runner=None):
     fill = {k: str(v) for k, v in world.items() if k != "env"}
     args = [a.format(**fill) for a in args]
     expected = expected.format(**fill) if "{" in expected and "\\" not in expected else expected
+    if runner is None:
+        runner = run_process if request.node.callspec.id in IN_A_PROCESS else run
     before = snapshot(world["root"])  # workdirs, data dirs and the cwd
-    proc = run(args, world["env"], world["root"])
+    proc = runner(args, world["env"], world["root"])
     lines = proc.stderr.splitlines()
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
@@ -386,9 +410,22 @@ def test_bad_input_is_one_line_nonzero_and_harmless(world, args, expected):
     assert snapshot(world["root"]) == before  # nothing created, changed or removed
 
 
+# the same checks through `python -m kdrun` in its own process, for a case of each kind of check
+IN_SUBPROCESS_TOO = ["alpha-high", "unknown-command", "unknown-flag", "unknown-key", "report-missing-path",
+                     "missing-teacher", "checkpoint-truncated", "cache-corrupt", "idx-truncated", "resume-not-a-run",
+                     "pipeline-run-bad-value", "specialists-k-high"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", IN_SUBPROCESS_TOO)
+def test_bad_input_in_its_own_process(world, case, request):
+    _, args, expected = next(c for c in CASES if c[0] == case)
+    test_bad_input_is_one_line_nonzero_and_harmless(world, args, expected, request, runner=run_process)
+
+
 def test_cuda_requested_without_cuda(world):
     env = {**world["env"], "CUDA_VISIBLE_DEVICES": ""}  # no visible GPU, on any machine
-    proc = run(["distill", *T30, *QUICK, "device=cuda"], env, world["root"])
+    proc = run_process(["distill", *T30, *QUICK, "device=cuda"], env, world["root"])
     assert proc.returncode == 2
     assert proc.stderr.strip() == "kdrun: error: device=cuda but CUDA is not available here; use device=cpu or device=auto"
 
@@ -398,7 +435,7 @@ README_TABLE = ("<!-- bad-input table: tests/test_bad_input.py -->", "<!-- end o
 
 
 def readme_row(case):
-    """A case as README's table shows it: `$Q`/`$T30` for the common words, `$ROOT`-style placeholders
+    """A case as the table in docs/reliability.md shows it: `$Q`/`$T30` for the common words, `$ROOT`-style placeholders
     for the files the `world` fixture makes."""
     name, args, expected = case
     command = " ".join(["kdrun", *args])
@@ -414,8 +451,8 @@ def _code(text):
     return f"`` {text} ``" if "`" in text else f"`{text}`"
 
 
-def test_readme_bad_input_table_rows_are_tested_cases():
-    text = (Path(__file__).parents[1] / "README.md").read_text()
+def test_docs_bad_input_table_rows_are_tested_cases():
+    text = (Path(__file__).parents[1] / "docs" / "reliability.md").read_text()
     start, end = (text.index(marker) for marker in README_TABLE)
     rows = [line for line in text[start:end].splitlines() if line.startswith("| ") and not line.startswith("| case")]
     by_name = {case[0]: readme_row(case) for case in CASES}
@@ -441,6 +478,6 @@ TORCHRUN_CASES = [
 
 
 @pytest.mark.parametrize("args,expected", [c[1:] for c in TORCHRUN_CASES], ids=[c[0] for c in TORCHRUN_CASES])
-def test_what_cannot_run_under_torchrun_is_refused(world, args, expected):
+def test_what_cannot_run_under_torchrun_is_refused(world, args, expected, request):
     torchrun = {**world["env"], "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
-    test_bad_input_is_one_line_nonzero_and_harmless({**world, "env": torchrun}, args, expected)
+    test_bad_input_is_one_line_nonzero_and_harmless({**world, "env": torchrun}, args, expected, request)

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import KDRUN, QUICK, write_mnist_like
+from conftest import KDRUN, QUICK, use_teachers, write_mnist_like
 from kdrun.io import sha256_file
 
 TEACHER = ["teacher=cnn", "teacher.recipe.epochs=1"]
+pytestmark = pytest.mark.slow  # the real CLI in subprocesses, training
 RESULT_FIELDS = {"command", "status", "dataset", "teacher", "student", "T", "alpha", "seed", "epochs",
                  "test_accuracy", "test_errors", "n_test", "n_params", "wall_s", "teacher_key"}
 
@@ -80,8 +81,8 @@ def test_train_distill_soft_targets_and_sweep_share_one_teacher_and_cache(kdrun,
     assert len(alone) == 1 and alone[0]["teacher_key"] is None and alone[0]["teacher"] is None
 
 
-def test_two_processes_compute_the_cache_once(kdrun, env, tmp_path, workdir):
-    kdrun("train", "teacher=mlp30", "teacher.recipe.epochs=1", *QUICK)
+def test_two_processes_compute_the_cache_once(kdrun, env, tmp_path, workdir, mlp30_teachers):
+    use_teachers(mlp30_teachers, workdir)  # what `kdrun train teacher=mlp30 teacher.recipe.epochs=1 *QUICK` stores
     procs = [subprocess.Popen([*KDRUN, "soft-targets", "teacher=mlp30", "teacher.recipe.epochs=1", *QUICK], env=env, cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     errs = [p.communicate(timeout=300)[1] for p in procs]

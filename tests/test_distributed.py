@@ -58,6 +58,7 @@ def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RUNS)
 def test_two_gloo_processes_train_the_model_one_process_does(world, name):
     root, env = world["root"], world["env"]

@@ -97,6 +97,12 @@ def test_members_by_seed_by_overrides_and_by_path_and_their_store_keys():
     assert group[1].cfg.teacher.recipe.epochs == 2  # the ensemble's recipe reaches every member
 
 
+@pytest.fixture
+def kdrun(kdrun_here):
+    """The CLI in this process: the test is about what the commands write, not about their processes."""
+    return kdrun_here
+
+
 def test_cli_members_as_a_sweep_then_ensemble_distill_evaluate_and_report(kdrun, workdir, env, tmp_path):
     t = ["teacher.recipe.epochs=1", *QUICK]
     members = ["teacher=ensemble", "teacher.member=mlp30", "teacher.members=[0,1,2]"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import QUICK
+from conftest import QUICK, use_teachers
 from kdrun.models import MLP
 from kdrun.models.stacked import StackedModels, has_per_run_state
 from kdrun.objectives import HintonKD
@@ -33,8 +33,14 @@ def newest(folder):
     return max(Path(folder).iterdir(), key=lambda p: p.stat().st_mtime)
 
 
-def test_each_fused_student_equals_its_own_run_and_reports_as_one(kdrun, workdir):
-    kdrun("train", *TEACHER, *QUICK)
+@pytest.fixture
+def kdrun(kdrun_here):
+    """The CLI in this process (the stopped run below is a subprocess of its own: fault_at.py)."""
+    return kdrun_here
+
+
+def test_each_fused_student_equals_its_own_run_and_reports_as_one(kdrun, workdir, mlp30_teachers):
+    use_teachers(mlp30_teachers, workdir)  # what `kdrun train *TEACHER *QUICK` stores
     kdrun("distill", *TEACHER, *STUDENT, *QUICK, "sweep.fused=true", "T=[2,5]", "alpha=[0,0.5]")
     fused = newest(workdir / "runs" / "distill")
     points = [(2, 0), (2, 0.5), (5, 0), (5, 0.5)]  # every combination, the last key varying fastest
@@ -120,13 +126,13 @@ def test_per_run_state_is_named():
     assert has_per_run_state(MLP([1, 2, 2], 3, [4])) is None
 
 
-def test_a_killed_fused_sweep_resumes_to_the_same_students(kdrun, env, tmp_path, workdir):
+def test_a_killed_fused_sweep_resumes_to_the_same_students(kdrun, env, tmp_path, workdir, mlp30_teachers):
     import subprocess
     import sys
 
     fault_at = Path(__file__).with_name("fault_at.py")
     args = ["distill", *TEACHER, *STUDENT, *QUICK, "sweep.fused=true", "T=[2,5]", "alpha=0.5"]
-    kdrun("train", *TEACHER, *QUICK)
+    use_teachers(mlp30_teachers, workdir)
     kdrun(*args)
     whole = newest(workdir / "runs" / "distill")
     proc = subprocess.run([sys.executable, str(fault_at), "step", "14", *args], env=env, cwd=tmp_path,

@@ -15,7 +15,7 @@ COMMANDS = ["train", "distill", "soft-targets", "self-distill", "mutual", "evalu
 KEYS = ["T", "alpha", "epochs", "lr", "batch_size", "seed", "teacher_seed", "device", "progress", "retrain",
         "dataset.limit", "dataset.test_limit", "transfer.fraction", "transfer.exclude_classes",
         "transfer.only_classes", "transfer.val_size", "transfer.labels", "student.model.hidden",
-        "student.model.dropout", "teacher.recipe.epochs", "self_distill.lam", "mutual.students", "teacher", "student",
+        "student.model.dropout", "teacher.recipe.epochs", "loss.lam", "mutual.students", "teacher", "student",
         "dataset", "temperature", "alpha_schedule", "loss", "model", "foo", "hydra.job.chdir", "+extra", "~T"]
 VALUES = st.one_of(
     st.integers(-5, 70000).map(str),

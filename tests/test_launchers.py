@@ -3,7 +3,11 @@ processes, share the teacher store and the soft-target cache, and their failures
 
 import csv
 
-from conftest import QUICK
+import pytest
+
+from conftest import QUICK, use_teachers
+
+pytestmark = pytest.mark.slow  # sweeps whose jobs run in other processes
 
 TEACHER = ["teacher=mlp30", "teacher.recipe.epochs=1"]
 
@@ -13,8 +17,8 @@ def summary(workdir):
     return list(csv.DictReader(open(sweep / "summary.csv")))
 
 
-def test_joblib_runs_two_jobs_in_parallel_on_one_cache(kdrun, workdir):
-    kdrun("train", *TEACHER, *QUICK)
+def test_joblib_runs_two_jobs_in_parallel_on_one_cache(kdrun, workdir, mlp30_teachers):
+    use_teachers(mlp30_teachers, workdir)  # what `kdrun train *TEACHER *QUICK` stores
     out = kdrun("distill", *TEACHER, *QUICK, "epochs=1", "-m", "T=2,8", "hydra/launcher=joblib",
                 "hydra.launcher.n_jobs=2")
     assert out.stderr.count("soft targets: wrote") == 1 and out.stderr.count("soft targets: reusing") == 1
@@ -24,8 +28,8 @@ def test_joblib_runs_two_jobs_in_parallel_on_one_cache(kdrun, workdir):
     assert len(caches) == 1
 
 
-def test_submitit_local_gives_the_same_results_as_the_basic_launcher(kdrun, workdir):
-    kdrun("train", *TEACHER, *QUICK)
+def test_submitit_local_gives_the_same_results_as_the_basic_launcher(kdrun, workdir, mlp30_teachers):
+    use_teachers(mlp30_teachers, workdir)
     kdrun("distill", *TEACHER, *QUICK, "epochs=1", "-m", "T=2,8")
     basic = summary(workdir)
     kdrun("distill", *TEACHER, *QUICK, "epochs=1", "-m", "T=2,8", "hydra/launcher=submitit_local")

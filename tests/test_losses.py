@@ -1,4 +1,4 @@
-"""Properties of the distillation losses (kd-reference.md, section 1)."""
+"""Properties of the distillation losses (docs/loss.md; Hinton, Vinyals & Dean 2015, section 2)."""
 
 import pytest
 import torch

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from conftest import QUICK, write_mnist_like
-from kdrun.commands.common import build_model
+from kdrun.models.build import build_model
 from kdrun.data.batches import DeviceData
 from kdrun.data.sources import load_split, stratified_subset
 from kdrun.loop import evaluate
@@ -68,7 +68,7 @@ def test_omit_class_trains_without_the_class_and_corrects_its_bias(kdrun, workdi
     keep = stratified_subset(test.labels, 500, 0)
     test_data = DeviceData(test.images[keep], test.labels[keep], 0.2860, 0.3530, "cpu")
     for payload, expected in ((plain, bias["test_errors_before"]), (corrected, bias["test_errors_after"])):
-        model = build_model(payload["arch"], (1, 28, 28), 10)
+        model = build_model(payload["arch"], 10)
         model.load_state_dict(payload["model"])
         assert evaluate(model.eval(), test_data)["test_errors"] == expected
     report = (run / "report.md").read_text()

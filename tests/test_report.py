@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QUICK
+from conftest import QUICK, use_teachers
 from kdrun.io import write_json
 from kdrun.report import collect, render, summarise, write
 
@@ -48,9 +48,15 @@ def test_summary_means_stds_and_gap_recovered(tmp_path):
     assert [r["role"] for r in table] == ["teacher", "student alone", "distilled", "distilled"]
 
 
-def test_sweep_summary_and_report_from_the_cli(kdrun, workdir, tmp_path):
+@pytest.fixture
+def kdrun(kdrun_here):
+    """The CLI in this process: these tests are about what it writes, not about its process."""
+    return kdrun_here
+
+
+def test_sweep_summary_and_report_from_the_cli(kdrun, workdir, tmp_path, mlp30_teachers):
     teacher = ["teacher=mlp30", "teacher.recipe.epochs=1"]
-    kdrun("train", *teacher, *QUICK)
+    use_teachers(mlp30_teachers, workdir)  # what `kdrun train *teacher *QUICK` stores
     kdrun("distill", *teacher, *QUICK, "epochs=1", "-m", "T=2,8", "seed=0,1")
     sweep = next((workdir / "sweeps" / "distill").iterdir())
     summary = list(csv.DictReader(open(sweep / "summary.csv")))

@@ -13,6 +13,7 @@ import torch
 
 from conftest import KDRUN, QUICK
 
+pytestmark = pytest.mark.slow  # runs killed in subprocesses and resumed
 FAULT_AT = [sys.executable, str(Path(__file__).with_name("fault_at.py"))]
 TEACHER = ["teacher=mlp1200", "teacher.recipe.epochs=3"]  # dropout, max-norm and jitter: every random stream
 DISTILL = ["distill", *TEACHER, *QUICK, "epochs=3", "T=5"]  # 1000 images, batch 128: 8 steps an epoch

@@ -122,7 +122,7 @@ def test_mmd_refuses_an_unknown_kernel():
 
 
 class Fixed(torch.nn.Module):
-    """A 'network' whose features are its input and whose head is a fixed linear map."""
+    """A 'network' whose penultimate features are its input and whose head is a fixed linear map."""
 
     def __init__(self):
         super().__init__()
@@ -131,8 +131,8 @@ class Fixed(torch.nn.Module):
             self.head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, -1.0]]))
             self.head.bias.zero_()
 
-    def features(self, x):
-        return x.flatten(1)
+    def forward(self, x):
+        return self.head(x.flatten(1))
 
 
 class Views:

@@ -24,8 +24,8 @@ def only(paths):
 
 
 def test_self_distill_logs_every_term_with_either_kernel_and_every_distortion(kdrun, workdir):
-    kdrun("self-distill", *QUICK, *LENET, "self_distill.mmd_kernel=gaussian", "self_distill.distortions.flip=true",
-          "self_distill.distortions.noise=0.05", "self_distill.distortions.erase=0.5", "T=2")
+    kdrun("self-distill", *QUICK, *LENET, "loss.mmd_kernel=gaussian", "loss.distortions.flip=true",
+          "loss.distortions.noise=0.05", "loss.distortions.erase=0.5", "T=2")
     run = only((workdir / "runs" / "self-distill").iterdir())
     res = results(run)
     assert res["status"] == "completed" and res["role"] == "self-distilled" and res["mmd_kernel"] == "gaussian"

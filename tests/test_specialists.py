@@ -29,6 +29,12 @@ def test_a_specialist_starts_as_its_generalist_on_its_classes_and_a_log_sum_exp_
     assert torch.allclose(specialist.body[2].weight, generalist.body[2].weight)
 
 
+@pytest.fixture
+def kdrun(kdrun_here):
+    """The CLI in this process: the test is about what the commands write, not about their processes."""
+    return kdrun_here
+
+
 def test_specialists_cluster_confusable_classes_train_with_a_dustbin_and_combine(kdrun, workdir, tmp_path):
     out = kdrun("specialists", *SMALL, f"hydra.run.dir={tmp_path / 'first'}")
     res = read_json(tmp_path / "first" / "results.json")

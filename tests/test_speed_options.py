@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import QUICK
+from conftest import QUICK, use_teachers
 from kdrun import store
 from kdrun.errors import KdrunError
 from kdrun.loop import FiniteLoss
@@ -77,8 +77,14 @@ def _rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_bf16_and_compile_train_the_same_student(kdrun, workdir):
-    kdrun("train", *TEACHER, *QUICK)
+@pytest.fixture
+def kdrun(kdrun_here):
+    """The CLI in this process: the three runs are compared, their processes are not the point."""
+    return kdrun_here
+
+
+def test_bf16_and_compile_train_the_same_student(kdrun, workdir, mlp30_teachers):
+    use_teachers(mlp30_teachers, workdir)  # what `kdrun train *TEACHER *QUICK` stores
     kdrun("distill", *TEACHER, *STUDENT, *QUICK)
     eager = _last_run(workdir)
     kdrun("distill", *TEACHER, *STUDENT, *QUICK, "compile=true")

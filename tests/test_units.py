@@ -2,6 +2,7 @@
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,8 +216,9 @@ def test_shell_completion_knows_commands_and_group_options(env, tmp_path):
                               cwd=tmp_path, capture_output=True, text=True, timeout=60).stdout.split()
 
     assert query("kdrun di") == ["distill"]
-    assert query("kdrun distill teacher=") == [f"teacher={t}" for t in (
-        "cnn", "ensemble", "lenet5", "mlp1200", "mlp1200_adamw", "mlp30", "mlp300", "mlp800", "resnet20")]
+    teachers = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "teacher").glob("*.yaml"))
+    assert {"cnn", "ensemble", "mlp1200", "tv_resnet18"} <= set(teachers)
+    assert query("kdrun distill teacher=") == [f"teacher={t}" for t in teachers]
     assert query("kdrun self") == ["self-distill"]
 
 
@@ -339,3 +341,17 @@ def test_a_bit_flipped_in_a_saved_tensor_is_caught_although_torch_loads_it(tmp_p
     assert not torch.equal(torch.load(path, weights_only=True)["w"], w)  # PyTorch itself notices nothing
     with pytest.raises(KdrunError, match="its content does not match its checksum"):
         load_torch(path)
+
+
+def test_step_lr_drops_by_gamma_at_each_milestone_fraction():
+    # the CIFAR recipe: x0.1 at epochs 150, 180, 210 of 240, here 240 steps
+    shape = LrShape(240, "step", milestones=[0.625, 0.75, 0.875], gamma=0.1)
+    assert [shape(s) for s in (0, 149, 150, 179, 180, 209, 210, 239)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    half = LrShape(24, "step", milestones=[0.625, 0.75, 0.875])  # a tenth of the schedule keeps its shape
+    assert [s for s in range(1, 24) if half(s) != half(s - 1)] == [15, 18, 21]
+
+
+def test_step_lr_needs_milestones():
+    with pytest.raises(ValueError, match="lr schedule step needs milestones"):
+        LrShape(10, "step")

@@ -9,12 +9,14 @@ from omegaconf import OmegaConf
 
 from kdrun import bias
 from kdrun.commands import fused, teacher
-from kdrun.commands.common import (check_buildable, check_inputs, fold_recipe_overrides, load_data, resolve_device, save_config,
-                                   target_name, train_model)
-from kdrun.data.transfer import affected_classes, describe, select_rows, unseen_classes
+from kdrun.commands.common import (attach_objective, check_buildable, check_inputs, fold_recipe_overrides, load_data,
+                                   resolve_device, save_config, target_name, train_model)
+from kdrun.commands.teaching import needs, online, student_results, teacher_signal, teacher_tap, uses_teacher
+from kdrun.data.transfer import affected_classes, select_rows, unseen_classes
 from kdrun.errors import KdrunError, first_line
 from kdrun.io import write_json
 from kdrun.loop import predict
+from kdrun.models.build import build_model
 from kdrun.objectives import CachedLogits, OnlineTeacher
 from kdrun.run import save_model
 from kdrun.sweep import is_fused
@@ -24,7 +26,7 @@ log = logging.getLogger("kdrun")
 
 def preflight(cfg, overrides=()):
     transfer = check_inputs(cfg)
-    check_student(fold_recipe_overrides(cfg, ["student"]))
+    check_student(fold_recipe_overrides(cfg, ["student"]), transfer["n"])
     check_val_size(cfg, transfer["n"])
     if uses_teacher(cfg):
         teacher.check(cfg, transfer, overrides)
@@ -37,23 +39,25 @@ def check_val_size(cfg, n_train):
         raise KdrunError(f"transfer.val_size ({cfg.transfer.val_size}) must be smaller than the train split ({n_train})")
 
 
-def uses_teacher(cfg):
-    return not instantiate(cfg.alpha_schedule).is_zero()
-
-
-def check_student(cfg):
-    """The student's model, recipe and objective can be built, and fit the teacher's signal."""
-    check_buildable(cfg, ["student"])
-    with_teacher = uses_teacher(cfg)
+def check_student(cfg, n_rows=None):
+    """The student's model, recipe and objective can be built, and fit the teacher's signal (`n_rows`:
+    the train split's rows, for an objective that keeps state per row)."""
+    found = check_buildable(cfg, ["student"])
+    if cfg.transfer.bias_correction:
+        found["student"].require("transfer.bias_correction=true", bias=True)
+    need = needs(cfg)
+    with_teacher, cached = need.teacher, need.teacher and not online(cfg)
     try:
-        instantiate(cfg.loss, teacher=CachedLogits(None) if with_teacher else None)
+        objective = instantiate(cfg.loss, teacher=CachedLogits(None) if with_teacher else None)
     except Exception as e:
         raise KdrunError(f"invalid loss config: {first_line(e.__cause__ or e)}") from None
-    if cfg.student.recipe.jitter and with_teacher and not cfg.transfer.augment:
+    if need.online_teacher or need.student_features:
+        check_features(cfg, objective, need, n_rows)
+    if cfg.student.recipe.jitter and cached:
         raise KdrunError("student.recipe.jitter must be 0 with cached soft targets: they are the teacher's "
                          "outputs on unshifted inputs, and a shifted view would be paired with them "
                          "(transfer.augment=true runs the teacher on the shifted view instead)")
-    if cfg.student.recipe.get("flip") and with_teacher and not cfg.transfer.augment:
+    if cfg.student.recipe.get("flip") and cached:
         raise KdrunError("student.recipe.flip must be false with cached soft targets: they are the teacher's "
                          "outputs on unflipped inputs (transfer.augment=true runs the teacher on the student's view)")
     if cfg.transfer.augment and not with_teacher:
@@ -61,21 +65,31 @@ def check_student(cfg):
     if cfg.transfer.augment and not (cfg.student.recipe.jitter or cfg.student.recipe.get("flip")):
         raise KdrunError("transfer.augment=true needs student.recipe.jitter > 0 (or flip): the teacher sees the "
                          "student's jittered view, and without jitter that is the cached view")
-    alpha = instantiate(cfg.alpha_schedule)
-    if not cfg.transfer.labels and (not with_teacher or alpha(0.0) != 1 or alpha(1.0) != 1):
-        raise KdrunError(f"transfer.labels=false needs alpha=1 (the hard term needs labels), got alpha={cfg.alpha}")
+    if not cfg.transfer.labels and (not with_teacher or need.labels):
+        if "alpha" in cfg.loss:
+            raise KdrunError(f"transfer.labels=false needs alpha=1 (the hard term needs labels), got alpha={cfg.alpha}")
+        raise KdrunError(f"transfer.labels=false needs a loss that trains without labels; {target_name(cfg.loss)} "
+                         "uses them (set loss.ce_weight=0)")
 
 
-def teacher_signal(cfg, data):
-    """What the objective asks for the teacher's logits of a batch, and what to record about it."""
-    if not uses_teacher(cfg):
-        return None, {"teacher": None, "teacher_key": None}
-    combine = cfg.teacher.combine if teacher.is_ensemble(cfg) else None
-    if cfg.transfer.augment:
-        model, info, _ = teacher.load(cfg, data)
-        return OnlineTeacher(model, combine), info
-    logits, info = teacher.cached_logits(cfg, data)
-    return CachedLogits(logits.to(data.train.device), combine), info
+def check_features(cfg, objective, need, n_rows=None):
+    """An objective that reads features: one teacher model (not an ensemble, whose members' features
+    do not combine), stage names both models have, and shapes the objective can pair (its parameters
+    are built once here on the meta device: no memory, no compute)."""
+    if need.teacher_features and teacher.is_ensemble(cfg):
+        raise KdrunError(f"{target_name(cfg.loss)} reads the teacher's features, which an ensemble "
+                         "(teacher=ensemble) does not have; distil from one teacher")
+    try:
+        with torch.device("meta"):
+            student = build_model(cfg.student.model, cfg.dataset.num_classes)
+            if need.teacher_features:
+                model = build_model(cfg.teacher.model, cfg.dataset.num_classes).eval()
+                objective.teacher = OnlineTeacher(model, None, teacher_tap(cfg, model, need))
+            attach_objective(cfg.student.model, student, objective, cfg.dataset.shape, n_rows)
+    except KdrunError:
+        raise
+    except Exception as e:
+        raise KdrunError(f"invalid loss config: {first_line(e.__cause__ or e)}") from None
 
 
 def run(cfg, run_dir, label=None):
@@ -97,16 +111,6 @@ def run(cfg, run_dir, label=None):
     return results
 
 
-def student_results(cfg, label, rows, teacher_info):
-    """What a distilled student's results.json records beyond its training (see common.save_trained)."""
-    augment = f"online teacher, {cfg.student.recipe.jitter}px jitter" if cfg.transfer.augment else None
-    return {"label": label, "student": cfg.student.name, "T": cfg.T, "alpha": cfg.alpha,
-            "temperature_schedule": target_name(cfg.temperature), "alpha_schedule": target_name(cfg.alpha_schedule),
-            "loss": target_name(cfg.loss), "transfer_set": describe(cfg.transfer), "labels": cfg.transfer.labels,
-            "augment": augment, "jitter": cfg.student.recipe.jitter, "flip": cfg.student.recipe.get("flip", False),
-            "n_val": int(rows.val.numel()), **teacher_info}
-
-
 def correct_bias(cfg, run_dir, model, data, rows):
     """Tune one additive shift of the affected classes' logits on the validation split, report test
     errors before and after, and save the shifted model beside the trained one."""
@@ -126,9 +130,9 @@ def correct_bias(cfg, run_dir, model, data, rows):
         "test_errors_unseen_before": bias.errors(test_logits[on_unseen], data.test.labels[on_unseen]),
         "test_errors_unseen_after": bias.errors(test_after[on_unseen], data.test.labels[on_unseen]),
     }
-    bias.apply_shift(model, classes, shift)
     arch = OmegaConf.to_container(cfg.student.model, resolve=True)
-    save_model(run_dir / "model_bias_corrected.pt", model, arch, cfg.dataset.name,
+    bias.apply_shift(model, classes, shift, arch.get("head"))
+    save_model(run_dir / "model_bias_corrected.pt", model, arch, cfg.dataset.name, data.num_classes,
                {"name": cfg.student.name, "role": "student", "bias_correction": out})
     log.info("bias correction: shift %+.1f on classes %s: val errors %d -> %d, test errors %d -> %d", shift, classes,
              out["val_errors_before"], val_after, out["test_errors_before"], out["test_errors_after"])

@@ -10,6 +10,7 @@ from kdrun.errors import KdrunError
 from kdrun.io import write_json
 from kdrun.loop import predict
 from kdrun.report import markdown_table
+from kdrun.run_config import run_config
 
 
 def preflight(cfg, overrides=()):
@@ -57,7 +58,8 @@ def run(cfg, run_dir):
     classes, confusion = per_class(logits, data.test.labels, list(cfg.dataset.classes))
     results = {"command": "evaluate", "status": "completed", "model": name, "ckpt": cfg.ckpt, "dataset": cfg.dataset.name,
                "test_errors": errors, "n_test": len(data.test), "test_accuracy": 1 - errors / len(data.test),
-               "n_params": n_params(model), "per_class": classes, "confusion": confusion, "run_dir": str(run_dir)}
+               "n_params": n_params(model), "per_class": classes, "confusion": confusion, "run_dir": str(run_dir),
+               "config": run_config(cfg)}
     if record is not None:
         results["members"] = record["members"]
     write_json(Path(run_dir) / "results.json", results)

@@ -12,6 +12,7 @@ from kdrun.commands.common import (build_model, check_without_teacher, fit_role,
                                    load_data, n_params, resolve_device, save_config, save_trained, target_name)
 from kdrun.ensemble import Ensemble
 from kdrun.io import write_json
+from kdrun.run_config import run_config
 from kdrun.validate import integer
 
 log = logging.getLogger("kdrun")
@@ -19,7 +20,7 @@ log = logging.getLogger("kdrun")
 
 def preflight(cfg, overrides=()):
     integer("mutual.students", cfg.mutual.students, 2)
-    check_without_teacher(cfg, "mutual.objective")
+    check_without_teacher(cfg, "loss")
 
 
 def run(cfg, run_dir, label=None):
@@ -29,12 +30,12 @@ def run(cfg, run_dir, label=None):
     data = load_data(cfg, device)
     train_set, chosen = labelled_rows(cfg, data)
     torch.manual_seed(cfg.seed)  # the students are built one after another: each its own initialisation
-    students = [build_model(cfg.student.model, data.shape, data.num_classes) for _ in range(cfg.mutual.students)]
+    students = [build_model(cfg.student.model, data.num_classes) for _ in range(cfg.mutual.students)]
     cohort = Ensemble(students, "arithmetic").to(device)
-    last, seconds = fit_role(cfg, run_dir, "student", cohort, instantiate(cfg.mutual.objective), data, train_set)
+    last, seconds = fit_role(cfg, run_dir, "student", cohort, instantiate(cfg.loss), data, train_set)
     common = {"label": label, "student": cfg.student.name, "teacher": None, "teacher_key": None, "T": cfg.T,
-              "alpha": None, "loss": "MutualLearning", "temperature_schedule": target_name(cfg.temperature),
-              "weight": cfg.mutual.objective.weight, "n_students": len(students), **chosen,
+              "alpha": None, "loss": target_name(cfg.loss), "temperature_schedule": target_name(cfg.temperature),
+              "weight": cfg.loss.get("weight"), "n_students": len(students), **chosen,
               "jitter": cfg.student.recipe.jitter, "flip": cfg.student.recipe.get("flip", False)}
     rows = []
     for i, (student, errors) in enumerate(zip(cohort.members, last["member_test_errors"])):
@@ -49,6 +50,7 @@ def run(cfg, run_dir, label=None):
         "train_accuracy": last["train_accuracy"], **{k: last[k] for k in ("test_accuracy", "test_errors", "n_test")},
         "students": [{"model": r["model"], "test_errors": r["test_errors"]} for r in rows],
         "students_test_errors_mean": sum(r["test_errors"] for r in rows) / len(rows), **common,
+        "config": run_config(cfg),
     }
     write_json(Path(run_dir) / "results.json", results)
     log.info("mutual: students %s test errors, their ensemble %d", [r["test_errors"] for r in rows], results["test_errors"])

@@ -18,6 +18,7 @@ from kdrun.commands import distill, soft_targets, train
 from kdrun.commands.common import check_inputs, fold_recipe_overrides, save_config
 from kdrun.errors import KdrunError, first_line
 from kdrun.io import write_json
+from kdrun.run_config import run_config
 from kdrun.validate import validate
 
 log = logging.getLogger("kdrun")
@@ -43,7 +44,7 @@ def student_runs(cfg, overrides):
     the command line's, its sweeps expanded, once per seed of `pipeline.seeds`."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from kdrun.cli import expand_alpha_shorthand, sweep_points
+    from kdrun.launch import expand_alpha_shorthand, sweep_points
 
     base = [o for o in overrides if not o.partition("=")[0].lstrip("+~").startswith(NOT_PASSED_ON)]
     seeds = cfg.pipeline.seeds
@@ -73,7 +74,7 @@ def compose_run(name, job, command="distill"):
     from hydra import compose
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from kdrun.cli import COMMANDS, explain
+    from kdrun.launch import COMMANDS, explain
 
     words, own = job
     try:
@@ -143,7 +144,7 @@ def _check_run(command, run_cfg, transfer, earlier):
     if command != "distill":
         _module(command).preflight(run_cfg)
         return
-    distill.check_student(run_cfg)
+    distill.check_student(run_cfg, transfer["n"])
     distill.check_val_size(run_cfg, transfer["n"])
 
 
@@ -157,7 +158,7 @@ def _one_model_per_seed(where, name, command, seeds):
 
 
 def _module(command):
-    from kdrun.cli import COMMANDS
+    from kdrun.launch import COMMANDS
 
     return importlib.import_module(COMMANDS[command][1])
 
@@ -204,7 +205,7 @@ def run(cfg, run_dir):
     title = f"kdrun pipeline experiment={preset}" if preset else f"kdrun pipeline: {cfg.dataset.name}"
     text, rows = report.write([run_dir], run_dir, title=title, paper=paper)
     write_json(run_dir / "results.json", {"command": "pipeline", "status": "completed", "runs": done,
-                                          "report": str(run_dir / "report.md")})
+                                          "report": str(run_dir / "report.md"), "config": run_config(cfg)})
     print(f"\n{text}")
     return rows
 
@@ -228,7 +229,8 @@ def evaluate_ensemble(cfg, where, name, runs, paths):
                "train_accuracy": None, "run_dir": str(where),
                **{k: measured[k] for k in ("test_errors", "n_test", "test_accuracy")},
                "members": [{"run": r, "model": p, "test_errors": e}
-                           for r, p, e in zip(runs, paths, measured["member_test_errors"])]}
+                           for r, p, e in zip(runs, paths, measured["member_test_errors"])],
+               "config": run_config(cfg)}
     write_json(Path(where) / "results.json", results)
     log.info("pipeline: ensemble %s of %s: %d test errors (members: %s)", name, ", ".join(runs), results["test_errors"],
              ", ".join(map(str, measured["member_test_errors"])))

@@ -8,7 +8,7 @@ from kdrun.commands.common import (check_without_teacher, fold_recipe_overrides,
 
 
 def preflight(cfg, overrides=()):
-    check_without_teacher(cfg, "self_distill", pixels=None)
+    check_without_teacher(cfg, "loss", pixels=None)
 
 
 def run(cfg, run_dir, label=None):
@@ -17,12 +17,11 @@ def run(cfg, run_dir, label=None):
     device = resolve_device(cfg.device)
     data = load_data(cfg, device)
     train_set, chosen = labelled_rows(cfg, data)
-    objective = instantiate(cfg.self_distill, pixels=data.train)
-    setup = OmegaConf.to_container(cfg.self_distill, resolve=True)
+    objective = instantiate(cfg.loss, pixels=data.train)
+    setup = OmegaConf.to_container(cfg.loss, resolve=True)
     extra = {"label": label, "role": "self-distilled", "student": cfg.student.name, "teacher": None, "teacher_key": None,
-             "T": cfg.T, "alpha": None, "loss": "SelfDistillation", "temperature_schedule": target_name(cfg.temperature),
-             **chosen, "lam": setup["lam"], "mu": setup["mu"], "mmd_kernel": setup["mmd_kernel"],
-             "bandwidth": setup["bandwidth"], "detach_targets": setup["detach_targets"],
+             "T": cfg.T, "alpha": None, "loss": target_name(cfg.loss), "temperature_schedule": target_name(cfg.temperature),
+             **chosen, **{k: setup.get(k) for k in ("lam", "mu", "mmd_kernel", "bandwidth", "detach_targets")},
              "views": objective.distortions.describe(), "jitter": cfg.student.recipe.jitter,
              "flip": cfg.student.recipe.get("flip", False),
              "distortions": {k: v for k, v in setup["distortions"].items() if k != "_target_"}}

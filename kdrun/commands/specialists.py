@@ -27,6 +27,7 @@ from kdrun.io import atomic_write, content_key, write_json
 from kdrun.loop import predict
 from kdrun.objectives import CrossEntropy
 from kdrun.report import markdown_table
+from kdrun.run_config import run_config
 from kdrun.specialists.clusters import cluster_classes
 from kdrun.specialists.combine import active_specialists, combine
 from kdrun.specialists.dustbin import Specialty
@@ -39,7 +40,8 @@ def preflight(cfg, overrides=()):
     transfer = check_inputs(cfg)
     if teacher.is_ensemble(cfg):
         raise KdrunError("kdrun specialists trains its own generalist: teacher= must name one model, not an ensemble")
-    check_buildable(fold_recipe_overrides(cfg, ["teacher"]), ["teacher"])
+    found = check_buildable(fold_recipe_overrides(cfg, ["teacher"]), ["teacher"])
+    found["teacher"].require("kdrun specialists", bias=True)
     check_val_size(cfg, transfer["n"])
 
 
@@ -69,7 +71,8 @@ def run(cfg, run_dir):
                for i in chosen}
     base = {"command": "specialists", "status": "completed", "dataset": cfg.dataset.name, "generalist": cfg.teacher.name,
             "generalist_key": generalist_key, "clusters": [[names[c] for c in s.classes] for s in specialties],
-            "cluster_classes": clusters, "specialists": [trained[i][1] for i in chosen], "run_dir": str(run_dir)}
+            "cluster_classes": clusters, "specialists": [trained[i][1] for i in chosen], "run_dir": str(run_dir),
+            "config": run_config(cfg)}
     if only is not None:
         write_json(run_dir / "results.json", {**base, "only": only})
         return base
@@ -127,7 +130,8 @@ def _specialist(cfg, run_dir, data, train_rows, generalist, generalist_sha, spec
         extra = {"teacher": cfg.teacher.name, "classes": list(specialty.classes), "dustbin_shift": shift,
                  "teacher_key": key, "generalist_sha256": generalist_sha}
         return train_model(scfg, run_dir, "teacher", CrossEntropy(), local, local.train, data.train.device, extra,
-                           init=lambda model: init_from_generalist(model, generalist, specialty.classes),
+                           init=lambda model: init_from_generalist(model, generalist, specialty.classes,
+                                                                  arch.get("head")),
                            saved_as={"role": "specialist", "classes": list(specialty.classes)},
                            checkpointer=checkpointer)[0]
 

@@ -93,7 +93,7 @@ def members(cfg, overrides=()):
     a string of `kdrun train` overrides naming a stored teacher ('teacher=cnn seed=2'), or a model.pt."""
     from hydra import compose
 
-    from kdrun.cli import explain
+    from kdrun.launch import explain
 
     spec = cfg.teacher
     command = _train_command(cfg, overrides, seed=False)
@@ -203,8 +203,11 @@ def check(cfg, transfer, overrides=()):
         path, cache_key = resolve(cfg, overrides)
         # a teacher_ckpt records its architecture; it must match teacher= only when one is typed
         typed = not cfg.teacher_ckpt or any(o.partition("=")[0] == "teacher" for o in overrides)
+        # a plain state_dict records none: teacher= (or teacher.model overrides) must name it
+        named = typed or any(o.partition("=")[0].lstrip("+~").startswith("teacher.model") for o in overrides)
         check_model_payload(path, cfg.dataset.name, cfg.teacher.name, _arch(cfg) if typed else None,
-                            num_classes=cfg.dataset.num_classes)
+                            num_classes=cfg.dataset.num_classes, plain_name=cfg.teacher.name if named else None,
+                            plain_arch=_arch(cfg) if named else None)
     soft_targets.check_cache(soft_targets.cache_path(cfg.workdir, cache_key, content_key(transfer)))
 
 
@@ -215,8 +218,10 @@ def load(cfg, data):
         return _load_ensemble(cfg, data)
     path, key = resolve(cfg)
     if cfg.teacher_ckpt:  # the architecture its checkpoint records (checked against a typed teacher= before)
-        name = check_model_payload(path, cfg.dataset.name, None, None, num_classes=data.num_classes)[0].get("name")
-        model, sha256 = load_model(path, data, cfg.dataset.name, name, None)
+        plain = {"plain_name": cfg.teacher.name, "plain_arch": _arch(cfg)}  # a plain state_dict's (see check)
+        name = check_model_payload(path, cfg.dataset.name, None, None, num_classes=data.num_classes,
+                                   **plain)[0].get("name")
+        model, sha256 = load_model(path, data, cfg.dataset.name, name, None, **plain)
     else:
         name = cfg.teacher.name
         model, sha256 = load_model(path, data, cfg.dataset.name, name, _arch(cfg))

@@ -9,6 +9,7 @@ from kdrun.commands import teacher
 from kdrun.commands.common import check_buildable, check_inputs, fold_recipe_overrides, load_data, resolve_device, save_config, train_model
 from kdrun.io import write_json
 from kdrun.objectives import CrossEntropy
+from kdrun.run_config import run_config
 
 log = logging.getLogger("kdrun")
 
@@ -66,6 +67,7 @@ def _train_ensemble(cfg, run_dir):
     _, _, record = teacher.load(cfg, load_data(cfg, resolve_device(cfg.device)))
     log.info("%s: %d test errors (members: %s)", record["teacher"], record["test_errors"],
              ", ".join(str(m["test_errors"]) for m in record["members"]))
-    results = {**record, "status": "completed", "run_dir": str(run_dir), "record": record["run_dir"]}
+    results = {**record, "status": "completed", "run_dir": str(run_dir), "record": record["run_dir"],
+               "config": run_config(cfg)}
     write_json(Path(run_dir) / "results.json", results)
     return results

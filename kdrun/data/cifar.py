@@ -1,4 +1,5 @@
-"""CIFAR-10 batch files (torchvision's cifar-10-batches-py), read without letting a file run code."""
+"""CIFAR-10 and CIFAR-100 files (torchvision's cifar-10-batches-py, cifar-100-python), read without letting a
+file run code."""
 
 import codecs
 import functools
@@ -49,21 +50,27 @@ class _ArrayUnpickler(pickle.Unpickler):
         return _ALLOWED[(module, name)]
 
 
-def read_batch(path):
-    """One batch file's images as uint8 [n, 3, 32, 32] and labels as int64 [n]."""
+def read_pickle(path, what="CIFAR-10 batch file"):
+    """A torchvision CIFAR pickle (a dict of numpy arrays and lists), loaded without letting it run code."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            batch = _ArrayUnpickler(f, encoding="bytes").load()
+            return _ArrayUnpickler(f, encoding="bytes").load()
     except _Refused as e:
-        raise KdrunError(f"{path} is not a CIFAR-10 batch file (it asks to load {e})") from None
+        raise KdrunError(f"{path} is not a {what} (it asks to load {e})") from None
     except OSError as e:
         raise KdrunError(f"cannot read {path}: {e.strerror or e}") from None
     except Exception as e:  # truncated or garbage: pickle raises EOFError, UnpicklingError, ValueError, ...
-        raise KdrunError(f"{path} is not a CIFAR-10 batch file: {str(e) or type(e).__name__}") from None
-    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        raise KdrunError(f"{path} is not a CIFAR-10 batch file: expected a dict with b'data' and b'labels'")
-    data, labels = batch[b"data"], batch[b"labels"]
+        raise KdrunError(f"{path} is not a {what}: {str(e) or type(e).__name__}") from None
+
+
+def read_batch(path, label_key=b"labels", what="CIFAR-10 batch file"):
+    """One batch file's images as uint8 [n, 3, 32, 32] and labels (under `label_key`) as int64 [n]."""
+    path = Path(path)
+    batch = read_pickle(path, what)
+    if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
+        raise KdrunError(f"{path} is not a {what}: expected a dict with b'data' and {label_key!r}")
+    data, labels = batch[b"data"], batch[label_key]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _ROW:
         shown = f"{data.dtype} {list(data.shape)}" if isinstance(data, np.ndarray) else type(data).__name__
         raise KdrunError(f"{path}: data is {shown}, expected uint8 [n, {_ROW}]")
@@ -78,20 +85,41 @@ def read_batch(path):
 
 
 @functools.lru_cache(maxsize=16)
-def _count_rows(path, size, mtime_ns):  # size and mtime make a changed file a new cache entry
-    return len(read_batch(path)[1])
+def _count_rows(path, size, mtime_ns, label_key=b"labels", what="CIFAR-10 batch file"):  # size, mtime: a changed
+    return len(read_batch(path, label_key, what)[1])  # file is a new cache entry
 
 
-def check_batches(*paths):
+def check_batches(*paths, label_key=b"labels", what="CIFAR-10 batch file"):
     """Read and check a split's batch files (cached while a file is unchanged); returns the number of images."""
     total = 0
     for path in paths:
         st = Path(path).stat()
-        total += _count_rows(str(path), st.st_size, st.st_mtime_ns)
+        total += _count_rows(str(path), st.st_size, st.st_mtime_ns, label_key, what)
     return total
 
 
-def read_batches(*paths):
+def read_batches(*paths, label_key=b"labels", what="CIFAR-10 batch file"):
     """A split's batch files joined: images uint8 [N, 3, 32, 32], labels int64 [N]."""
-    parts = [read_batch(p) for p in paths]
+    parts = [read_batch(p, label_key, what) for p in paths]
     return torch.cat([images for images, _ in parts]), torch.cat([labels for _, labels in parts])
+
+
+FOLDER_100 = "cifar-100-python"
+FILES_100 = {"train": ("train",), "test": ("test",)}
+WHAT_100 = "CIFAR-100 file"
+
+
+def label_key_100(coarse):
+    """CIFAR-100's files hold both labellings: the 100 fine classes and the 20 coarse superclasses."""
+    return b"coarse_labels" if coarse else b"fine_labels"
+
+
+def class_names(meta_path, key):
+    """The class names a meta file lists under `key` (b'label_names', b'fine_label_names', ...), or None."""
+    if not Path(meta_path).is_file():
+        return None
+    meta = read_pickle(meta_path, "CIFAR meta file")
+    names = meta.get(key) if isinstance(meta, dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, bytes) for n in names):
+        return None
+    return [n.decode("utf-8", "replace") for n in names]

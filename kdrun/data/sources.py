@@ -1,8 +1,9 @@
-"""Finding and loading datasets (MNIST-format IDX files or CIFAR-10 batches): Debian's package, data_dir,
-or torchvision's download."""
+"""Finding dataset files (data_dir, Debian's package, torchvision's download), their fingerprints, and the
+MNIST-format IDX and CIFAR-10 layouts that a dataset config's `format` key names (see kdrun.data.readers)."""
 
 import functools
 import gzip
+import hashlib
 import logging
 import shutil
 from collections.abc import Callable
@@ -59,18 +60,14 @@ def get_format(name):
     return FORMATS[name]
 
 
-def _names(layout):
-    return [name for names in layout.files.values() for name in names]
-
-
-def _have_files(directory, layout, gz=False):
+def _have_files(directory, names, gz=False):
     suffix = ".gz" if gz else ""
-    return all((Path(directory) / (name + suffix)).is_file() for name in _names(layout))
+    return all((Path(directory) / (name + suffix)).is_file() for name in names)
 
 
-def _unpack_system_copy(system_dir, raw_dir, layout):
+def _unpack_system_copy(system_dir, raw_dir, names):
     """Debian ships .gz files; the readers want them unpacked under data_dir."""
-    for name in _names(layout):
+    for name in names:
         src = Path(system_dir) / (name + ".gz")
         try:
             with gzip.open(src, "rb") as fin:
@@ -79,34 +76,54 @@ def _unpack_system_copy(system_dir, raw_dir, layout):
             raise KdrunError(f"cannot unpack {src} into {raw_dir}: {e}") from None
 
 
-def locate(cfg_dataset, data_dir, download=True):
-    """Return the directory holding the dataset's files (in its `format`, default idx), fetching them if needed."""
-    layout = get_format(cfg_dataset.get("format", "idx"))
-    raw = layout.folder(data_dir, cfg_dataset)
-    if _have_files(raw, layout):
+def find_files(raw, names, name, *, system_dir=None, fetch=None, hint=None, data_dir=None, download=True):
+    """The directory `raw` once it holds every file of `names`: as it is, unpacked from a system copy of
+    .gz files, or after `fetch()` (torchvision's download). A one-line error names every place looked in."""
+    raw = Path(raw)
+    if _have_files(raw, names):
         return raw
-    system_dir = cfg_dataset.get("system_dir")
-    if system_dir and _have_files(system_dir, layout, gz=True):
+    if system_dir and _have_files(system_dir, names, gz=True):
         log.info("unpacking %s into %s", system_dir, raw)
-        _unpack_system_copy(system_dir, raw, layout)
+        _unpack_system_copy(system_dir, raw, names)
         return raw
-    if download:
-        existed = {p for p in (Path(data_dir), raw.parent, raw) if p.exists()}
+    if download and fetch is not None:
+        tops = [p for p in (Path(data_dir) if data_dir else None, raw.parent, raw) if p is not None]
+        existed = {p for p in tops if p.exists()}
         try:
-            import torchvision.datasets as tvd
-
-            log.info("downloading %s into %s", cfg_dataset.name, data_dir)
-            getattr(tvd, cfg_dataset.torchvision_class)(root=str(data_dir), train=True, download=True)
-            if _have_files(raw, layout):
+            log.info("downloading %s into %s", name, data_dir or raw)
+            fetch()
+            if _have_files(raw, names):
                 return raw
         except Exception as e:  # torchvision raises RuntimeError/URLError/OSError offline
             log.debug("download failed: %s", e)
-        for p in (raw, raw.parent, Path(data_dir)):  # leave no empty folders behind a failed download
+        for p in reversed(tops):  # leave no empty folders behind a failed download
             if p not in existed and p.is_dir() and not any(p.iterdir()):
                 p.rmdir()
-    places = [str(raw)] + ([str(system_dir)] if system_dir else []) + ["torchvision download (failed or offline)"]
-    hint = f"; try {cfg_dataset.fallback_hint}" if cfg_dataset.get("fallback_hint") else ""
-    raise KdrunError(f"dataset {cfg_dataset.name} not found in {', '.join(places)}{hint}")
+    places = [str(raw)] + ([str(system_dir)] if system_dir else [])
+    places += ["torchvision download (failed or offline)"] if fetch is not None else []
+    tail = f"; try {hint}" if hint else ""
+    raise KdrunError(f"dataset {name} not found in {', '.join(places)}{tail}")
+
+
+def torchvision_fetch(class_name, data_dir, **kwargs):
+    """A download of torchvision.datasets.<class_name> into data_dir (both splits where `train=` picks one)."""
+
+    def fetch():
+        import torchvision.datasets as tvd
+
+        getattr(tvd, class_name)(root=str(data_dir), download=True, **(kwargs or {"train": True}))
+
+    return fetch
+
+
+def locate(cfg_dataset, data_dir, download=True):
+    """Return the directory holding the dataset's files (in its `format`, default idx), fetching them if needed."""
+    layout = get_format(cfg_dataset.get("format", "idx"))
+    names = [name for names in layout.files.values() for name in names]
+    return find_files(layout.folder(data_dir, cfg_dataset), names, cfg_dataset.name,
+                      system_dir=cfg_dataset.get("system_dir"), hint=cfg_dataset.get("fallback_hint"),
+                      fetch=torchvision_fetch(cfg_dataset.torchvision_class, data_dir), data_dir=data_dir,
+                      download=download)
 
 
 def _split_paths(raw_dir, split, fmt):
@@ -118,13 +135,27 @@ def _file_sha256(path, size, mtime_ns):  # size and mtime make a changed file a 
     return sha256_file(path)
 
 
-def split_fingerprint(raw_dir, split, fmt="idx"):
-    """Short hashes of a split's files, so that another copy of a dataset is told apart."""
+def files_fingerprint(paths):
+    """Short hashes of files (by name), so that another copy of a dataset is told apart."""
     out = {}
-    for path in _split_paths(raw_dir, split, fmt):
+    for path in map(Path, paths):
         st = path.stat()
         out[path.name] = _file_sha256(str(path), st.st_size, st.st_mtime_ns)[:16]
     return out
+
+
+def split_fingerprint(raw_dir, split, fmt="idx"):
+    """Short hashes of a split's files, so that another copy of a dataset is told apart."""
+    return files_fingerprint(_split_paths(raw_dir, split, fmt))
+
+
+def split_sha256(images, labels):
+    """A short hash of a decoded split (its shape, pixels and labels)."""
+    h = hashlib.sha256(str(list(images.shape)).encode())
+    for chunk in images.reshape(len(images), -1).split(4096):
+        h.update(chunk.contiguous().numpy().data)
+    h.update(labels.contiguous().numpy().data)
+    return h.hexdigest()[:16]
 
 
 def check_split_files(raw_dir, split, fmt="idx"):

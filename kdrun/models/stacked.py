@@ -9,6 +9,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from kdrun.ensemble import combine_logits
+from kdrun.models import capabilities
 
 
 class StackedModels(nn.Module):
@@ -63,7 +64,7 @@ class StackedModels(nn.Module):
             member = self.__dict__["scratch"] = copy.deepcopy(self.template).to_empty(device=device)
         for k in range(self.k):
             member.load_state_dict(self.member_state_dict(k))
-            member.constrain()
+            capabilities.constrain(member)
             for name, p in zip(self.names, self._member_params()):
                 p[k].copy_(member.get_parameter(name))
 

@@ -1,12 +1,18 @@
-class FusedObjectives:
+from torch import nn
+
+from kdrun.objectives.base import Objective
+
+
+class FusedObjectives(Objective):
     """The objectives of K students trained as one StackedModels (a fused sweep): one forward pass of
     all of them, then each student's own objective on its own logits. The loss is their sum, so each
     student's gradient is exactly that of its own objective. Logs are keyed `name/k` per student."""
 
     def __init__(self, objectives):
-        self.objectives = list(objectives)
+        super().__init__()
+        self.objectives = nn.ModuleList(objectives)
 
-    def __call__(self, model, batch, progress):
+    def forward(self, model, batch, progress):
         z = model.member_logits(batch.x)  # [B, K, C]
         total, logs = 0.0, {}
         for k, objective in enumerate(self.objectives):

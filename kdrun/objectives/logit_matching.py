@@ -1,18 +1,26 @@
 import torch.nn.functional as F
 
 from kdrun.losses import logit_matching
+from kdrun.objectives.base import Objective, alpha_needs
 
 
-class LogitMatching:
+class LogitMatching(Objective):
     """The high-temperature limit of Hinton KD: alpha * 1/(2N) |z - v|^2 (per-example zero-meaned
     logits, N classes, batch mean) + (1 - alpha) * CE(labels, student). T plays no part."""
 
+    uses_teacher = True
+
     def __init__(self, alpha, teacher=None):
+        super().__init__()
         if teacher is None and not alpha.is_zero():
             raise ValueError("LogitMatching needs a teacher unless alpha is 0")
         self.alpha, self.teacher = alpha, teacher
 
-    def __call__(self, model, batch, progress):
+    @classmethod
+    def needs(cls, cfg=None):
+        return alpha_needs(cfg)
+
+    def forward(self, model, batch, progress):
         alpha = self.alpha(progress)
         logits = model(batch.x)
         if batch.y is None:  # an unlabeled transfer set: validation has made sure alpha is 1

@@ -1,9 +1,10 @@
 import torch.nn.functional as F
 
 from kdrun.losses import kd_kl
+from kdrun.objectives.base import Objective
 
 
-class MutualLearning:
+class MutualLearning(Objective):
     """Deep mutual learning (Zhang et al. 2018): K students trained together on the same batches; each
     minimises CE(labels, its own) + weight * T^2 * mean over the others j of KL(p_j || p_self) at T, the
     others' outputs held fixed. The sum over students is one backward pass: with the targets detached,
@@ -11,11 +12,12 @@ class MutualLearning:
     `model` is an Ensemble of the students; the returned logits are their combined prediction."""
 
     def __init__(self, temperature, weight=1.0):
+        super().__init__()
         if weight < 0:
             raise ValueError(f"weight must be >= 0, got {weight}")
         self.temperature, self.weight = temperature, float(weight)
 
-    def __call__(self, model, batch, progress):
+    def forward(self, model, batch, progress):
         T = self.temperature(progress)
         z = model.member_logits(batch.x)  # [B, K, C]
         k = z.shape[1]

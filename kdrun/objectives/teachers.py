@@ -20,16 +20,33 @@ class CachedLogits:
 
 class OnlineTeacher:
     """The teacher run on the very batch the student sees (its jittered view): consistent targets
-    (Beyer et al. 2022), at the price of a teacher forward pass per step."""
+    (Beyer et al. 2022), at the price of a teacher forward pass per step. With a FeatureTap on the
+    teacher, `outputs(batch)` also gives the teacher's named features on that batch; one forward per
+    batch serves both (the last batch's outputs are kept)."""
 
-    def __init__(self, model, combine=None):
-        self.model, self.combine = model.eval(), combine
+    def __init__(self, model, combine=None, tap=None):
+        self.model, self.combine, self.tap = model.eval(), combine, tap
+        self.last = (None, None)
 
     def __call__(self, batch, T=None):
+        if self.tap is not None:
+            return self.outputs(batch)[0]
         with torch.no_grad():
             if self.combine is None:
                 return self.model(batch.x)
             return combine_logits(self.model.member_logits(batch.x), self.combine, T)
+
+    def outputs(self, batch, fresh=False):
+        """(logits, {stage: output}) of the teacher on `batch`, without gradients."""
+        if self.tap is None:
+            raise ValueError("this teacher was given no FeatureTap: it gives logits only")
+        last_batch, out = self.last
+        if fresh or batch is not last_batch:
+            with torch.no_grad(), self.tap.capture() as feats:
+                logits = self.model(batch.x)
+            out = (logits, dict(feats))
+            self.last = (None, None) if fresh else (batch, out)
+        return out
 
 
 class OncePerBatch:
