@@ -17,6 +17,7 @@ from kdrun.errors import KdrunError
 from kdrun.loop import fit
 from kdrun.models import MLP
 from kdrun.objectives import CachedLogits, HintonKD
+from kdrun.objectives.base import Objective
 from kdrun.schedules import Anneal, Constant, LrShape
 
 
@@ -29,6 +30,17 @@ def tiny_data(n=64):
     g = torch.Generator().manual_seed(0)
     return DeviceData(torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8),
                       torch.arange(n) % 10, 0.5, 0.5, "cpu")
+
+
+class Scripted(Objective):
+    """An objective whose forward is a plain function of (model, batch, progress)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, model, batch, progress):
+        return self.fn(model, batch, progress)
 
 
 class NullRecorder:
@@ -75,7 +87,7 @@ def test_a_loss_that_turns_nan_keeps_the_last_good_checkpoint(tmp_path):
 
     checkpointer = Checkpointer(tmp_path / "last.pt", "key", "a test", resume=True)
     with pytest.raises(KdrunError, match=r"^loss is nan at epoch 2 step 7 \(lr="):
-        fit(model, objective, tiny_data(), tiny_data(), opt, sched, epochs=3, batch_size=16, jitter=0,
+        fit(model, Scripted(objective), tiny_data(), tiny_data(), opt, sched, epochs=3, batch_size=16, jitter=0,
             generator=torch.Generator().manual_seed(0), recorder=NullRecorder(), checkpointer=checkpointer,
             progress=False)
     kept = checkpointer.load()
@@ -276,7 +288,7 @@ def test_a_non_finite_logged_term_stops_the_run_at_the_epoch_end():
         return logits, logits.pow(2).mean(), {"kd_unscaled": torch.tensor(float("inf"))}
 
     with pytest.raises(KdrunError, match=r"^non-finite metrics at epoch 1: "):
-        fit(model, objective, tiny_data(), tiny_data(), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+        fit(model, Scripted(objective), tiny_data(), tiny_data(), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
             epochs=1, batch_size=16, jitter=0, generator=torch.Generator().manual_seed(0), recorder=NullRecorder(),
             progress=False)
 
