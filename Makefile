@@ -12,7 +12,7 @@ install: $(INSTALLED)
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q 'setuptools>=68' wheel
-	$(BIN)/pip install -q -e '.[dev,launchers,docs,tensorboard,mlflow]'
+	$(BIN)/pip install -q -e '.[dev,launchers,docs,tensorboard,mlflow,timm]'
 	touch $(INSTALLED)
 
 # Fashion-MNIST, offline, from Debian's package (the tests and the demo use it).

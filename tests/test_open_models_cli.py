@@ -162,3 +162,34 @@ def test_torchvision_resnet18_distils_into_a_small_model_and_a_state_dict_from_e
     assert out.stderr.strip().splitlines() == [
         f"kdrun: error: teacher checkpoint {elsewhere} is a plain state_dict, which records no architecture; pass it as "
         f"teacher_ckpt={elsewhere} with teacher=NAME naming its architecture"]
+
+
+def write_image_tree(root, n_train=8, n_test=4):
+    """Two classes of PNGs: RGB 16x16, grey 16x16 and RGB 20x24 (resized and cropped), the class a bright half."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c, name in enumerate(("left", "right")):
+            for i in range(n):
+                h, w, grey = [(16, 16, False), (16, 16, True), (20, 24, False)][i % 3]
+                array = rng.integers(0, 60, (h, w) if grey else (h, w, 3), dtype=np.uint8)
+                array[:, c * (w // 2):(c + 1) * (w // 2)] += 180
+                path = root / split / name / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array).save(path)
+
+
+@pytest.mark.slow
+def test_torchvision_resnet18_distils_into_a_small_model_on_an_image_folder(kdrun, workdir, tmp_path):
+    write_image_tree(tmp_path / "pets")
+    tree = ["dataset=imagefolder", f"dataset.root={tmp_path / 'pets'}", "dataset.num_classes=2", "dataset.size=16",
+            "progress=false", "device=cpu"]
+    teacher = ["teacher=tv_resnet18", "teacher.recipe.epochs=1", "teacher.recipe.batch_size=8"]
+    kdrun("train", *teacher, *tree)
+    kdrun("distill", *teacher, "student=mlp30", *tree, "epochs=1", "T=4")
+    res = results(runs(workdir, "distill")[0])
+    assert (res["status"], res["teacher"], res["student"], res["n_train"], res["n_test"]) == (
+        "completed", "tv_resnet18", "mlp30", 16, 8)
+    assert res["config"]["dataset"]["shape"] == [3, 16, 16]
