@@ -11,6 +11,7 @@ from pathlib import Path
 from kdrun import compare
 from kdrun.errors import KdrunError, usage_error
 from kdrun.io import atomic_write, read_json
+from kdrun.run_config import flatten
 
 # The fields of results.json a row carries. Runs whose results.json records its `config` are grouped by
 # that config (see `setup`); older ones, without it, by these fields.
@@ -151,18 +152,6 @@ def summarise(runs):
                              r["alpha"] or 0, json.dumps(r["setup"], sort_keys=True, default=str)))
     failed = [r for r in runs if r.get("status") not in ("completed", "reused")]
     return rows, failed
-
-
-def flatten(config, prefix=""):
-    """{dotted key: value} of a nested dict; lists are values."""
-    out = {}
-    for k, v in config.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def setup(result):

@@ -10,3 +10,15 @@ RUN_LOCAL = ("progress", "resume", "device", "workdir", "data_dir", "hydra", "re
 def run_config(cfg):
     resolved = OmegaConf.to_container(cfg, resolve=True)
     return {k: v for k, v in resolved.items() if k not in RUN_LOCAL}
+
+
+def flatten(config, prefix=""):
+    """{dotted key: value} of a nested dict (a run's config, a teacher's identity); lists are values."""
+    out = {}
+    for k, v in config.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -14,6 +14,7 @@ from kdrun.data.readers import reader_identity
 from kdrun.errors import KdrunError
 from kdrun.io import atomic_write, content_key, read_json, sha256_file, write_json
 from kdrun.models.build import RESERVED
+from kdrun.run_config import flatten
 
 log = logging.getLogger("kdrun")
 
@@ -104,26 +105,17 @@ def stored_results(workdir, key):
     return read_json(_entry(workdir, key) / "teacher.json").get("results", {})
 
 
-def _flatten(obj, prefix=""):
-    if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: obj}
-
-
 def missing_teacher_message(cfg, seed, command, suggest_seed=True):
     """Say which command trains the teacher, and which stored teacher of the same name and dataset
     differs least (as the overrides that would select it; one of another seed only if `suggest_seed`)."""
     identity = teacher_identity(cfg, seed)
-    want = _flatten(identity)
+    want = flatten(identity)
     near = []
     for meta in sorted((Path(cfg.workdir) / "teachers").glob("*/teacher.json")):
         stored = read_json(meta).get("identity", {})
         if set(stored) != {"teacher", "dataset", "seed"}:  # a generalist, a specialist, an ensemble
             continue
-        have = _flatten(stored)
+        have = flatten(stored)
         if have.get("teacher.name") == want["teacher.name"] and have.get("dataset.name") == want["dataset.name"]:
             diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
             if "seed" in diff and not suggest_seed:

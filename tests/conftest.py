@@ -216,6 +216,18 @@ def mlp30_teachers(tmp_path_factory, data_dir):
     return trained_teacher(tmp_path_factory, data_dir, ["teacher=mlp30", "teacher.recipe.epochs=1", *QUICK])
 
 
+# the feature methods' teacher (stages to read) on the subset the feature and CRD tests train on
+FEATURE_SUBSET = ["dataset=fashion_mnist", "dataset.limit=300", "dataset.test_limit=100", "progress=false"]
+CNN_TEACHER = ["teacher=cnn", "teacher.recipe.epochs=1"]
+
+
+@pytest.fixture(scope="session")
+def cnn_teachers(tmp_path_factory, data_dir):
+    """The store of `kdrun train teacher=cnn teacher.recipe.epochs=1` on FEATURE_SUBSET, trained once for
+    the session: copy it into a test's workdir (`use_teachers`)."""
+    return trained_teacher(tmp_path_factory, data_dir, [*CNN_TEACHER, *FEATURE_SUBSET])
+
+
 def use_teachers(store, workdir):
     """Copy a trained teacher store (a session fixture's) into `workdir`/teachers."""
     shutil.copytree(store, Path(workdir) / "teachers", dirs_exist_ok=True)

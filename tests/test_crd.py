@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import KDRUN
+from conftest import CNN_TEACHER, FEATURE_SUBSET, use_teachers
 from kdrun.commands.common import attach_objective
 from kdrun.data.batches import Batch
 from kdrun.errors import KdrunError
@@ -166,8 +166,7 @@ def test_banks_over_the_memory_limit_are_one_line():
 # ---------------------------------------------------------------- end to end, and exact resume
 
 FAULT_AT = [sys.executable, str(Path(__file__).with_name("fault_at.py"))]
-SUBSET = ["dataset=fashion_mnist", "dataset.limit=300", "dataset.test_limit=100", "progress=false"]
-TEACHER = ["teacher=cnn", "teacher.recipe.epochs=1"]
+SUBSET, TEACHER = FEATURE_SUBSET, CNN_TEACHER
 
 
 def distill_args(epochs=1, *extra):
@@ -180,19 +179,9 @@ def one_run(workdir):
     return runs[0]
 
 
-@pytest.fixture(scope="module")
-def teacher_store(tmp_path_factory, data_dir):
-    import os
-
-    work = tmp_path_factory.mktemp("crd_teacher")
-    env = {**os.environ, "KDRUN_WORKDIR": str(work), "KDRUN_DATA": str(data_dir)}
-    subprocess.run([*KDRUN, "train", *TEACHER, *SUBSET], env=env, check=True, capture_output=True, cwd=work)
-    return work / "teachers"
-
-
 @pytest.mark.slow
-def test_crd_distils_from_the_cli_with_its_banks_in_the_checkpoint_only(kdrun, workdir, teacher_store):
-    shutil.copytree(teacher_store, workdir / "teachers")
+def test_crd_distils_from_the_cli_with_its_banks_in_the_checkpoint_only(kdrun, workdir, cnn_teachers):
+    use_teachers(cnn_teachers, workdir)
     proc = kdrun(*distill_args())
     assert "loss=crd: two memory banks of 300 rows x 128, 0.293 MiB on cpu; 299 negatives an example" in proc.stderr
     run = one_run(workdir)
@@ -208,9 +197,9 @@ def test_crd_distils_from_the_cli_with_its_banks_in_the_checkpoint_only(kdrun, w
 
 
 @pytest.mark.slow
-def test_crd_killed_mid_training_resumes_bit_identical(kdrun, env, tmp_path, workdir, teacher_store):
+def test_crd_killed_mid_training_resumes_bit_identical(kdrun, env, tmp_path, workdir, cnn_teachers):
     args = distill_args(2)  # 300 images, batch 128: 3 steps an epoch
-    shutil.copytree(teacher_store, workdir / "teachers")
+    use_teachers(cnn_teachers, workdir)
     kdrun(*args)
     reference = tmp_path / "reference"
     shutil.move(str(one_run(workdir)), str(reference))
@@ -252,8 +241,8 @@ BAD = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra, message", BAD, ids=[" ".join(e) for e, _ in BAD])
-def test_a_bad_crd_config_is_one_line_before_anything_is_written(kdrun, workdir, teacher_store, extra, message):
-    shutil.copytree(teacher_store, workdir / "teachers")
+def test_a_bad_crd_config_is_one_line_before_anything_is_written(kdrun, workdir, cnn_teachers, extra, message):
+    use_teachers(cnn_teachers, workdir)
     proc = kdrun(*distill_args(1, *extra), check=False)
     assert (proc.returncode, proc.stderr.strip().splitlines()[-1]) == (2, message)
     assert "Traceback" not in proc.stderr and not (workdir / "runs").exists()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import KDRUN
+from conftest import KDRUN, CNN_TEACHER, FEATURE_SUBSET, use_teachers
 from kdrun.commands.common import attach_objective
 from kdrun.data.batches import Batch
 from kdrun.errors import KdrunError
@@ -299,8 +299,7 @@ def test_owned_parameters_gradients_are_averaged_over_torchrun_processes(tmp_pat
 # ---------------------------------------------------------------- end to end, and exact resume
 
 FAULT_AT = [sys.executable, str(Path(__file__).with_name("fault_at.py"))]
-SUBSET = ["dataset=fashion_mnist", "dataset.limit=300", "dataset.test_limit=100", "progress=false"]
-TEACHER = ["teacher=cnn", "teacher.recipe.epochs=1"]
+SUBSET, TEACHER = FEATURE_SUBSET, CNN_TEACHER
 METHODS = {"fitnet": "hint", "at": "at_1"}
 
 
@@ -314,20 +313,10 @@ def one_run(workdir):
     return runs[0]
 
 
-@pytest.fixture(scope="module")
-def teacher_store(tmp_path_factory, data_dir):
-    import os
-
-    work = tmp_path_factory.mktemp("feature_teacher")
-    env = {**os.environ, "KDRUN_WORKDIR": str(work), "KDRUN_DATA": str(data_dir)}
-    subprocess.run([*KDRUN, "train", *TEACHER, *SUBSET], env=env, check=True, capture_output=True, cwd=work)
-    return work / "teachers"
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
-def test_distill_with_a_feature_objective_from_the_cli(kdrun, workdir, teacher_store, method):
-    shutil.copytree(teacher_store, workdir / "teachers")
+def test_distill_with_a_feature_objective_from_the_cli(kdrun, workdir, cnn_teachers, method):
+    use_teachers(cnn_teachers, workdir)
     kdrun(*distill_args(method))
     run = one_run(workdir)
     results = json.loads((run / "results.json").read_text())
@@ -343,10 +332,10 @@ def test_distill_with_a_feature_objective_from_the_cli(kdrun, workdir, teacher_s
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
-def test_a_feature_objective_killed_mid_training_resumes_bit_identical(kdrun, env, tmp_path, workdir, teacher_store,
+def test_a_feature_objective_killed_mid_training_resumes_bit_identical(kdrun, env, tmp_path, workdir, cnn_teachers,
                                                                         method):
     args = distill_args(method, epochs=2)  # 300 images, batch 128: 3 steps an epoch
-    shutil.copytree(teacher_store, workdir / "teachers")
+    use_teachers(cnn_teachers, workdir)
     kdrun(*args)
     reference = tmp_path / "reference"
     shutil.move(str(one_run(workdir)), str(reference))
@@ -404,9 +393,9 @@ BAD = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra, message", BAD, ids=[" ".join(e) for e, _ in BAD])
-def test_a_bad_feature_objective_config_is_one_line_before_anything_is_written(kdrun, workdir, teacher_store, extra,
+def test_a_bad_feature_objective_config_is_one_line_before_anything_is_written(kdrun, workdir, cnn_teachers, extra,
                                                                                  message):
-    shutil.copytree(teacher_store, workdir / "teachers")
+    use_teachers(cnn_teachers, workdir)
     proc = kdrun("distill", *TEACHER, "student=lenet5", *SUBSET, *extra, check=False)
     assert (proc.returncode, proc.stderr.strip().splitlines()[-1]) == (2, message)
     assert "Traceback" not in proc.stderr and not (workdir / "runs").exists()

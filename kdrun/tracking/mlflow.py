@@ -11,6 +11,8 @@ import re
 import time
 from pathlib import Path
 
+from kdrun import run_config
+
 STATUS = {"completed": "FINISHED", "reused": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 MAX_VALUE = 6000  # MLflow's longest param value
 BATCH = 100  # MLflow's most params or tags per log_batch
@@ -95,14 +97,7 @@ def key(name):
     return re.sub(r"[^\w\-./ ]", "_", str(name))
 
 
-def flatten(config, prefix=""):
+def flatten(config):
     """{dotted key: value as text} of a nested config: strings as they are, the rest as JSON."""
-    out = {}
-    for k, v in config.items():
-        name = f"{prefix}{key(k)}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, name + "."))
-        else:
-            text = v if isinstance(v, str) else json.dumps(v, default=str)
-            out[name] = text[:MAX_VALUE]
-    return out
+    return {key(name): (v if isinstance(v, str) else json.dumps(v, default=str))[:MAX_VALUE]
+            for name, v in run_config.flatten(config).items()}
