@@ -39,6 +39,15 @@ def write_mnist_like(raw_dir, n_train=300, n_test=100, seed=0):
         write_idx(Path(raw_dir) / f"{prefix}-labels-idx1-ubyte", labels)
 
 
+@pytest.fixture
+def float64():
+    """Float64 by default for the test: loss limits and identities are checked to tight tolerances."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """A data_dir holding Fashion-MNIST, unpacked once from Debian's package (`make test` installs it)."""

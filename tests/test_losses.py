@@ -8,13 +8,7 @@ from kdrun.losses import hinton_loss, kd_kl, logit_matching, softmax_t
 
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    """The limits below are checked to tight tolerances."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")  # conftest: float64 by default
 
 
 def logits(b=16, n=10, seed=0, scale=3.0):

@@ -17,12 +17,7 @@ from kdrun.objectives.sp import SimilarityPreserving, similarity_matrix, sp_loss
 from kdrun.schedules import Constant
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")  # conftest: float64 by default
 
 
 def logits(b=8, n=5, seed=0, scale=3.0):
