@@ -125,6 +125,24 @@ def average_gradients(params):
             p.grad.div_(world_size())
 
 
+def gather(tensor):
+    """Every process's `tensor`, detached, concatenated along dim 0 in rank order (the rows may differ in
+    number, as the shards of a batch do): of a shard's rows, the global batch's. `tensor` itself without
+    torchrun."""
+    if world_size() == 1:
+        return tensor
+    import torch
+    import torch.distributed as dist
+
+    sizes = [torch.zeros((), dtype=torch.long, device=tensor.device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor(tensor.shape[0], device=tensor.device))
+    padded = tensor.detach().new_zeros((max(int(n) for n in sizes), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor.detach()
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(n)] for part, n in zip(parts, sizes)])
+
+
 def bounds(n, index, world):
     """[start, stop) of rank `index`'s contiguous slice of n examples: sizes differ by at most one."""
     base, extra = divmod(n, world)

@@ -191,7 +191,7 @@ def run_hydra(command, argv):
         interrupt.set_resume_dir(hc.sweep.dir if hc.mode == RunMode.MULTIRUN else run_dir)
         try:
             if distributed.world_size() > 1:
-                from kdrun.commands.common import resolve_device
+                from kdrun.devices import resolve_device
 
                 distributed.init(resolve_device(cfg.device))
             with tracking.job(cfg, run_dir):  # the trackers `logger=...` chose (none by default)

@@ -29,6 +29,8 @@ COLUMNS = [("model", "name", "always"), ("teacher", "teacher", "always"), ("stud
            ("vs alone", "vs_alone", "any"), ("params", "n_params", "varies")]
 # top-level config keys that are not the setup: the seed (what mean and std are taken over), paths, speed
 NOT_SETUP = ("seed", "teacher_ckpt", "ckpt", "compile", "channels_last")
+# a preset's list of runs and its reference numbers: what a pipeline does, not what one run computes
+NOT_SETUP_GROUPS = ("pipeline", "paper")
 # what a role's setup leaves out: a teacher is its own config and data; a student alone has no teacher,
 # so the temperature and the teacher's keys do nothing for it
 ROLE_SETUP = {"teacher": {"keep": ("teacher", "dataset")},
@@ -167,6 +169,7 @@ def setup(result):
     flat = flatten(config)
     dropped = rule.get("drop", ())
     return {k: v for k, v in flat.items() if k not in NOT_SETUP and k.rsplit(".", 1)[-1] != "seed"
+            and k.split(".", 1)[0] not in NOT_SETUP_GROUPS
             and not any(k == d or k.startswith(d + ".") for d in dropped)
             and not (isinstance(v, str) and os.path.isabs(v))}
 
@@ -183,10 +186,13 @@ def group_key(result):
 
 def _gap(row, rows):
     """(errors alone - errors distilled) / (errors alone - errors teacher), from the group means. The
-    student alone is the plain one (no jitter) on the same transfer set; of several, the one trained
-    as many epochs."""
-    alone = [r for r in rows if r["role"] == "student alone" and not r["jitter"] and not r["flip"]
-             and all(r[k] == row[k] for k in ("student", "dataset", "n_train", "n_test", "transfer_set"))]
+    student alone is the plain one (no jitter) on the same transfer set, or, where the recipe always
+    augments (crops and flips on CIFAR), the one augmented alike; of several, the one trained as many
+    epochs."""
+    same_data = [r for r in rows if r["role"] == "student alone"
+                 and all(r[k] == row[k] for k in ("student", "dataset", "n_train", "n_test", "transfer_set"))]
+    alone = [r for r in same_data if not r["jitter"] and not r["flip"]] or [
+        r for r in same_data if (r["jitter"], r["flip"]) == (row["jitter"], row["flip"])]
     if len(alone) > 1:
         alone = [r for r in alone if r["epochs"] == row["epochs"]]
     teacher = [r for r in rows if r["role"] == "teacher" and r["teacher_key"] == row["teacher_key"]]
@@ -224,28 +230,79 @@ def _gap_cell(rows):
             for r in rows]
 
 
-def paper_section(rows, paper):
+def top1(row):
+    """A row's test accuracy in percent, mean (± std over seeds when it has several)."""
+    spread = f" ± {100 * row['errors_std'] / row['n_test']:.2f}" if row["n"] > 1 else ""
+    return f"{100 * row['accuracy']:.2f}{spread}"
+
+
+def paper_section(rows, paper, order=()):
     """How a preset's setup differs from the paper's, and the paper's numbers beside the ones measured
-    here. `paper`: {source, dataset, n_test, differences: [...], rows: [{run, errors, corrected, what}]}."""
+    here. `paper`: {source, dataset, n_test, measure, differences: [...], rows: [{run, what, errors,
+    corrected} or {run, what, accuracy (top-1 %)}], pairs: [...] (see pairs_section)}."""
     lines = [f"## Compared with {paper['source']}", ""]
     lines += [f"- {d}" for d in paper.get("differences") or []]
+    refs = paper.get("rows") or []
+    accuracy = any("accuracy" in ref for ref in refs)  # the paper gives top-1 %, so measured numbers are shown alike
     table = []
-    for ref in paper.get("rows") or []:
+    for ref in refs:
         mine = [r for r in rows if r["name"] == ref["run"]]
-        here = "; ".join(r["errors"] + (f" (T={r['T']:g})" if len(mine) > 1 and r["T"] else "") for r in mine) or "not run"
+        shown = top1 if accuracy else (lambda r: r["errors"])
+        here = "; ".join(shown(r) + (f" (T={r['T']:g})" if len(mine) > 1 and r["T"] else "") for r in mine) or "not run"
         fixed = "; ".join(r["corrected"] for r in mine if r.get("corrected")) or None
-        table.append({"run": ref["run"], "what": ref.get("what"), "paper": ref.get("errors"),
+        table.append({"run": ref["run"], "what": ref.get("what"), "paper": ref.get("accuracy" if accuracy else "errors"),
                       "paper_fixed": ref.get("corrected"), "here": here, "here_fixed": fixed})
     n_here = rows[0]["n_test"] if rows else "?"
-    columns = [("run", "run"), ("setup in the paper", "what"),
-               (paper.get("measure") or f"paper: errors of {paper.get('n_test', 10000)} ({paper.get('dataset', 'MNIST')})", "paper"),
-               (f"here: errors of {n_here}", "here")]
+    default = f"paper: errors of {paper.get('n_test', 10000)} ({paper.get('dataset', 'MNIST')})"
+    here = f"here: top-1 % of {n_here} test images" if accuracy else f"here: errors of {n_here}"
+    columns = [("run", "run"), ("setup in the paper", "what"), (paper.get("measure") or default, "paper"), (here, "here")]
     if any(t["paper_fixed"] is not None or t["here_fixed"] for t in table):
         columns[3:3] = [("paper: after bias fix", "paper_fixed")]
         columns.append(("here: after bias correction", "here_fixed"))
     if table:
         lines += ["", markdown_table(table, columns)]
+    if paper.get("pairs"):
+        lines += ["", pairs_section(rows, paper["pairs"], order)]
     return "\n".join(lines) + "\n\n## Results\n\n"
+
+
+def _millions(n):
+    return "-" if n is None else f"{n / 1e6:.2f}M"
+
+
+def pairs_section(rows, pairs, order=()):
+    """One line per teacher -> student pair: the parameters of both, the teacher's and each run's top-1 %
+    measured here (runs by name, in `order`), then the published top-1 % of each of the pair's paper rows.
+    `pairs`: [{teacher, student, rows: [{run, accuracy, method}]}]; a pair nothing was measured of is left out."""
+    names = [n for n in order if any(r["name"] == n and r["role"] != "teacher" for r in rows)]
+    names += [n for n in dict.fromkeys(r["name"] for r in rows if r["role"] != "teacher") if n not in names]
+    published = list(dict.fromkeys(ref["run"] for p in pairs for ref in p.get("rows") or []))
+    table = []
+    for pair in pairs:
+        t, s = pair["teacher"], pair["student"]
+        mine = [r for r in rows if r["role"] != "teacher" and r["student"] == s
+                and (r["role"] == "student alone" or r["teacher"] == t)]
+        keys = {r["teacher_key"] for r in mine if r["role"] != "student alone"}
+        teacher = [r for r in rows if r["role"] == "teacher" and (r["teacher_key"] in keys if keys else r["teacher"] == t)]
+        if not mine and not teacher:
+            continue
+        line = {"pair": f"{t} -> {s}", "params": f"{_millions(teacher[0]['n_params'] if teacher else None)} / "
+                                                  f"{_millions(mine[0]['n_params'] if mine else None)}",
+                "teacher": "; ".join(map(top1, teacher)) or "-"}
+        for n in names:
+            line[f"run:{n}"] = "; ".join(top1(r) for r in mine if r["name"] == n) or "-"
+        for ref in pair.get("rows") or []:
+            method = f" ({ref['method']})" if ref.get("method") else ""
+            line[f"paper:{ref['run']}"] = f"{ref['accuracy']:g}{method}"
+        table.append(line)
+    if not table:
+        return ""
+    n_test = rows[0]["n_test"]
+    columns = [("pair", "pair"), ("params T / S", "params"), ("teacher", "teacher"),
+               *[(n, f"run:{n}") for n in names], *[(f"published {n}", f"paper:{n}") for n in published]]
+    return (f"### Teacher -> student pairs, top-1 %\n\nMeasured here: top-1 accuracy (%) on {n_test} test images, "
+            "mean ± std over seeds where a run has several; published: the papers' top-1 (%) on the 10,000 CIFAR-100 "
+            "test images (each included preset's paper rows).\n\n" + markdown_table(table, columns))
 
 
 def visible_columns(rows):
@@ -394,14 +451,15 @@ def comparison_section(c):
             f"{test}. Negative: A makes fewer errors.\n")
 
 
-def write(paths, out_dir, title="kdrun report", paper=None, comparisons=()):
+def write(paths, out_dir, title="kdrun report", paper=None, comparisons=(), order=()):
     """Summarise, then write report.md/.csv (and .png when there are temperatures to plot).
-    `paper`: a preset's reference numbers and differences from the paper (see paper_section);
+    `paper`: a preset's reference numbers and differences from the paper (see paper_section; `order`:
+    the runs' names in the order a table of pairs shows them);
     `comparisons`: (A, B) selector pairs, each a paired comparison over seeds (kdrun.compare)."""
     rows, failed = summarise(collect(paths))
     out_dir = Path(out_dir)
     compared = [compare.paired(rows, a, b) for a, b in comparisons]  # a bad selector stops before any write
-    text = render(rows, failed, title, paper_section(rows, paper) if paper else "")
+    text = render(rows, failed, title, paper_section(rows, paper, order) if paper else "")
     text += "".join(comparison_section(c) for c in compared)
     atomic_write(out_dir / "report.md", lambda f: f.write(text), mode="w")
     atomic_write(out_dir / "report.csv", lambda f: f.write(to_csv(rows)), mode="w")

@@ -1,10 +1,12 @@
-"""A run directory's metrics.jsonl and model.pt (checkpoints: kdrun.checkpoint); each epoch's row also goes
-to the trackers `logger=...` chose (kdrun.tracking)."""
+"""A run directory's config.yaml, metrics.jsonl and model.pt (checkpoints: kdrun.checkpoint); each epoch's
+row also goes to the trackers `logger=...` chose (kdrun.tracking)."""
 
 import json
 import logging
 import os
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from kdrun import __version__, tracking
 from kdrun.io import atomic_write, save_torch
@@ -14,10 +16,19 @@ NOT_TERMS = {"lr", "T", "alpha", "train_accuracy", "test_accuracy", "seconds"}  
 
 
 def save_model(path, model, arch, dataset, num_classes, extra):
-    """A kdrun model.pt: weights plus what rebuilds them (see commands.common.load_model); `num_classes`
+    """A kdrun model.pt: weights plus what rebuilds them (see kdrun.model_files.load_model); `num_classes`
     is the number of outputs the model was built with."""
     save_torch(path, {"model": model.state_dict(), "arch": arch, "dataset": dataset,
                       "num_classes": int(num_classes), "kdrun_version": __version__, **extra})
+
+
+def save_config(cfg, run_dir):
+    atomic_write(Path(run_dir) / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(cfg, resolve=True)), mode="w")
+
+
+def target_name(node):
+    """The class a config node builds (`kdrun.objectives.HintonKD` -> HintonKD), for results."""
+    return node._target_.rsplit(".", 1)[-1]
 
 
 class Recorder:

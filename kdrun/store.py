@@ -1,5 +1,5 @@
 """The teacher store: trained teachers under workdir/teachers/<key>/, found by a content key of
-what made them (teacher config, effective recipe, dataset identity, seed)."""
+what made them (teacher config, effective recipe, the dataset by its files' hashes, seed)."""
 
 import json
 import logging
@@ -10,6 +10,7 @@ from filelock import FileLock
 from omegaconf import OmegaConf
 
 from kdrun.checkpoint import Checkpointer
+from kdrun.data.loading import identify
 from kdrun.data.readers import reader_identity
 from kdrun.errors import KdrunError
 from kdrun.io import atomic_write, content_key, read_json, sha256_file, write_json
@@ -19,31 +20,41 @@ from kdrun.run_config import flatten
 log = logging.getLogger("kdrun")
 
 
-def dataset_identity(ds):
-    """The dataset a teacher learns from, by config: its name, subset, and what of its reader's options
-    changes the data (CIFAR-100's coarse labels, an image folder's size and channels)."""
-    identity = {"name": ds.name, "limit": ds.limit, "subset_seed": ds.subset_seed}
+def dataset_identity(ds, data):
+    """The dataset a teacher learns from: its train split by content (`data`: the transfer identity,
+    kdrun.data.loading.transfer_identity; its files' hashes, or its decoded pixels' hash), its name and
+    subset, and what of its reader's options changes the data (CIFAR-100's coarse labels, an image
+    folder's size and channels). A changed data file is another dataset, so another key."""
+    identity = {"name": ds.name, "limit": ds.limit, "subset_seed": ds.subset_seed, "files": data["files"]}
     if ds.get("reader") is not None:
         identity["reader"] = reader_identity(ds)
     return identity
 
 
-def teacher_identity(cfg, seed):
-    """Everything that determines a trained teacher; `cfg.teacher.recipe` must be the effective recipe.
-    The model config's `features:` and `head:` only name its parts, so they are left out: naming another
-    stage finds the same stored teacher."""
-    teacher = OmegaConf.to_container(cfg.teacher, resolve=True)
+def identity_of(spec, dataset, seed, data):
+    """Everything that determines a trained teacher: its config `spec` (with the effective recipe), the
+    dataset (see dataset_identity) and the seed. The model config's `features:` and `head:` only name
+    its parts, so they are left out: naming another stage finds the same stored teacher."""
+    teacher = OmegaConf.to_container(spec, resolve=True)
     if isinstance(teacher.get("model"), dict):
         teacher["model"] = {k: v for k, v in teacher["model"].items() if k not in RESERVED}
     return {
         "teacher": teacher,
-        "dataset": dataset_identity(cfg.dataset),
+        "dataset": dataset_identity(dataset, data),
         "seed": int(seed),
     }
 
 
-def teacher_key(cfg, seed):
-    return content_key(teacher_identity(cfg, seed))
+def teacher_identity(cfg, seed, data=None):
+    """identity_of() of a command config's teacher (`cfg.teacher.recipe` must be the effective recipe);
+    `data`, the transfer identity, is found from cfg.dataset and cfg.data_dir when not given."""
+    if data is None:
+        data = identify(cfg)
+    return identity_of(cfg.teacher, cfg.dataset, seed, data)
+
+
+def teacher_key(cfg, seed, data=None):
+    return content_key(teacher_identity(cfg, seed, data))
 
 
 def _entry(workdir, key):
@@ -105,13 +116,13 @@ def stored_results(workdir, key):
     return read_json(_entry(workdir, key) / "teacher.json").get("results", {})
 
 
-def missing_teacher_message(cfg, seed, command, suggest_seed=True):
-    """Say which command trains the teacher, and which stored teacher of the same name and dataset
-    differs least (as the overrides that would select it; one of another seed only if `suggest_seed`)."""
-    identity = teacher_identity(cfg, seed)
-    want = flatten(identity)
-    near = []
-    for meta in sorted((Path(cfg.workdir) / "teachers").glob("*/teacher.json")):
+def missing_teacher_message(wanted, workdir, command, suggest_seed=True):
+    """Say which command trains the teacher of identity `wanted`, and which stored teacher of the same
+    name and dataset differs least (as the overrides that would select it; one of another seed only if
+    `suggest_seed`). One trained on other data files is no override away, so it is not suggested."""
+    want = flatten(wanted)
+    near, unhashed = [], []
+    for meta in sorted((Path(workdir) / "teachers").glob("*/teacher.json")):
         stored = read_json(meta).get("identity", {})
         if set(stored) != {"teacher", "dataset", "seed"}:  # a generalist, a specialist, an ensemble
             continue
@@ -120,11 +131,19 @@ def missing_teacher_message(cfg, seed, command, suggest_seed=True):
             diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
             if "seed" in diff and not suggest_seed:
                 continue
+            files = [k for k in diff if k == "dataset.files" or k.startswith("dataset.files.")]
+            if files:
+                if len(files) == len(diff) and not any(k.startswith("dataset.files") for k in have):
+                    unhashed.append(meta.parent.name)
+                continue
             near.append((len(diff), " ".join(_override(k, have[k]) if k in have else f"~{k}" for k in diff)))
-    msg = (f"no trained teacher {cfg.teacher.name} for {cfg.dataset.name} with seed {seed} and this recipe "
-           f"(key {content_key(identity)}); train it with: {command}")
+    msg = (f"no trained teacher {want['teacher.name']} for {want['dataset.name']} with seed {wanted['seed']} and "
+           f"this recipe (key {content_key(wanted)}); train it with: {command}")
     if near:
         msg += f"; or use the stored one trained with {min(near)[1]} by adding that to your command"
+    elif unhashed:
+        msg += (f"; the stored teacher {unhashed[0]} has this config but records no hashes of its data files, "
+                "so it is not reused")
     return msg
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import KDRUN, QUICK, kdrun_in_process, use_teachers, write_mnist_like
+from kdrun.models import MLP
 
 T30 = ["teacher=mlp30", "teacher.recipe.epochs=1"]
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -82,11 +83,32 @@ def world(tmp_path_factory, data_dir, mlp30_teachers):
     shutil.copytree(root / "work", root / "work_foreign_cache")
     torch.save({"weights": torch.zeros(3)}, root / "work_foreign_cache" / cache.relative_to(root / "work"))
     (root / "empty_data").mkdir()
+    # a plain state_dict of another architecture (mlp300's) than the teacher= it is passed as
+    torch.save(MLP([1, 28, 28], 10, [300, 300]).state_dict(), files / "plain_mlp300.pt")
+    # image trees: one whose train/emu folder holds no image, one with a file that is no image
+    for name in ("tree_empty_class", "tree_bad_image"):
+        write_image_tree(root / name)
+    for png in (root / "tree_empty_class" / "train" / "emu").iterdir():
+        png.unlink()
+    (root / "tree_bad_image" / "test" / "emu" / "1.png").write_bytes(b"not a png")
     return {"root": root, "env": env, "teacher": teacher, "files": files, "bad_cache": bad_cache,
             "bad_labels": labels, "bad_magic": test_labels,
             "foreign_cache": root / "work_foreign_cache" / cache.relative_to(root / "work")}
 
 
+def write_image_tree(root):
+    """root/{train,test}/{cat,dog,emu}/{0,1}.png: 8x8 RGB images."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in ("cat", "dog", "emu"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(root / split / c / f"{i}.png")
+
+
+TREE = ["train", "dataset=imagefolder", "dataset.num_classes=3"]
+HEADLESS = ["~student.model", "+student.model={_target_:test_open_models.Headless}"]
 D = "kdrun distill"
 CASES = [
     # (id, args, expected stderr line: exact, or a regex when it holds a content key)
@@ -209,8 +231,8 @@ CASES = [
      f"kdrun: error: pipeline.runs.extra: unknown key 'foo' for {D} (`{D} --help` lists the keys)"),
     ("pipeline-run-bad-value", ["pipeline", *T30, *QUICK, "+pipeline.runs.extra=['alpha=2']"],
      "kdrun: error: pipeline.runs.extra: alpha must be in [0, 1], got 2"),
-    ("pipeline-run-other-teacher", ["pipeline", *T30, *QUICK, "+pipeline.runs.extra=['teacher=mlp300']"],
-     "kdrun: error: pipeline.runs.extra changes the teacher; every run distils from the pipeline's"),
+    ("pipeline-run-unknown-teacher", ["pipeline", *T30, *QUICK, "+pipeline.runs.extra=['teacher=mlp3000']"],
+     f"kdrun: error: pipeline.runs.extra: unknown teacher 'mlp3000' (did you mean mlp300?); choose from: {options('teacher')}"),
     ("pipeline-run-not-a-list", ["pipeline", *T30, *QUICK, "+pipeline.runs.extra=alpha"],
      "kdrun: error: pipeline.runs.extra must be a list of overrides like ['alpha=0', 'T=2,4'], got 'alpha'"),
     ("pipeline-run-reserved-name", ["pipeline", *T30, *QUICK, "+pipeline.runs.teacher=['alpha=0']"],
@@ -384,6 +406,20 @@ CASES = [
      "kdrun: error: teacher.recipe.precision must be one of fp32, bf16, got 'half'"),
     ("compile-not-boolean", ["distill", *T30, *QUICK, "compile=maybe"],
      "kdrun: error: compile must be true or false, got 'maybe'"),
+    ("reader-unknown", ["train", "dataset=mnist", "dataset.reader._target_=nope.Reader"],
+     "kdrun: error: dataset.reader: unknown reader 'nope.Reader' (not importable)"),
+    ("imagefolder-missing", [*TREE, "dataset.root={root}/no_such_tree"],
+     "kdrun: error: ImageFolder: folder {root}/no_such_tree not found"),
+    ("imagefolder-empty-class", [*TREE, "dataset.root={root}/tree_empty_class"],
+     "kdrun: error: ImageFolder: {root}/tree_empty_class/train/emu has no images (.bmp, .jpeg, .jpg, .pgm, .png, "
+     ".ppm, .tif, .tiff, .webp)"),
+    ("checkpoint-other-architecture", ["distill", *T30, *QUICK, "teacher_ckpt={files}/plain_mlp300.pt"],
+     "kdrun: error: teacher checkpoint {files}/plain_mlp300.pt is a state_dict that does not fit teacher=mlp30: "
+     "body.2.weight is [300, 784] there, [30, 784] in mlp30"),
+    ("model-lacks-head", ["self-distill", *QUICK, *HEADLESS],
+     "kdrun: error: kdrun self-distill (its penultimate features, the head's input) needs the model's final "
+     "nn.Linear layer (its head), but Headless has no nn.Linear layer to serve as its head (name one with head: in "
+     "the model config)"),
     ("idx-truncated", ["train", *QUICK, "data_dir={root}/bad_data"],
      "kdrun: error: corrupt IDX file {bad_labels}: expected 60008 bytes for shape [60000], found 59908"),
 ]
@@ -392,7 +428,7 @@ CASES = [
 @pytest.mark.parametrize("args,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_nonzero_and_harmless(world, args, expected, request, runner=None):
     fill = {k: str(v) for k, v in world.items() if k != "env"}
-    args = [a.format(**fill) for a in args]
+    args = [re.sub(r"\{(\w+)\}", lambda m: fill.get(m.group(1), m.group(0)), a) for a in args]  # {root}, ...
     expected = expected.format(**fill) if "{" in expected and "\\" not in expected else expected
     if runner is None:
         runner = run_process if request.node.callspec.id in IN_A_PROCESS else run
@@ -420,6 +456,20 @@ IN_SUBPROCESS_TOO = ["alpha-high", "unknown-command", "unknown-flag", "unknown-k
 def test_bad_input_in_its_own_process(world, case, request):
     _, args, expected = next(c for c in CASES if c[0] == case)
     test_bad_input_is_one_line_nonzero_and_harmless(world, args, expected, request, runner=run_process)
+
+
+def test_an_unreadable_image_is_one_error_line_after_the_decoding_line_and_harmless(world):
+    """Checking an image tree decodes it (the cache is written only when every image reads), so the error
+    line may follow the line that says the decoding started."""
+    tree = world["root"] / "tree_bad_image"
+    before = snapshot(world["root"])
+    proc = run([*TREE, f"dataset.root={tree}"], world["env"], world["root"])
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stdout == ""
+    assert lines[-1] == (f"kdrun: error: ImageFolder: cannot read image {tree}/test/emu/1.png: cannot identify image "
+                         f"file '{tree}/test/emu/1.png'")
+    assert all(re.fullmatch(rf"\[\d\d:\d\d:\d\d\] {re.escape(str(tree))}/test: decoding 6 images .*", line) for line in lines[:-1])
+    assert snapshot(world["root"]) == before
 
 
 def test_cuda_requested_without_cuda(world):

@@ -11,7 +11,8 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf, open_dict
 
 from kdrun.cli import COMMANDS, conf_dir
-from kdrun.commands.common import check_buildable
+from kdrun.parts import RolePart
+from kdrun.preflight import check_buildable
 from kdrun.objectives import CachedLogits
 from kdrun.objectives.base import needs_of
 
@@ -65,7 +66,7 @@ def composed(primary, overrides=(), **kwargs):
 def build_roles(cfg):
     """The teacher's and the student's models (an ensemble's members are teacher options of their own),
     with their optimizers and lr schedules, on the meta device, run on a batch of the dataset's shape."""
-    check_buildable(cfg, [role for role in ROLES if "model" in cfg[role]])
+    check_buildable(cfg.dataset, [RolePart.of(cfg, role) for role in ROLES if "model" in cfg[role]])
 
 
 def build_on_some_dataset(cfg, primary, overrides):
@@ -138,7 +139,7 @@ def test_every_model_config_builds_as_teacher_and_student(hydra, role, option):
         with open_dict(cfg):
             cfg[role].model = OmegaConf.load(CONF / "model" / f"{option}.yaml")
         try:
-            check_buildable(cfg, [role])
+            check_buildable(cfg.dataset, [RolePart.of(cfg, role)])
             return
         except Exception as e:  # noqa: BLE001  the message goes into the failure below
             errors.append(f"{dataset}: {e}")
@@ -152,7 +153,7 @@ RECIPE_CASES = [(role, option) for option in options("recipe") for role in ROLES
 def test_every_recipe_builds_its_optimizer_and_schedule(hydra, role, option):
     cfg = composed("distill", [f"recipe@{role}.recipe={option}"])
     assert cfg[role].recipe.optimizer._target_
-    check_buildable(cfg, [role])
+    check_buildable(cfg.dataset, [RolePart.of(cfg, role)])
 
 
 def test_the_groups_are_read_from_the_folders():

@@ -5,17 +5,14 @@ from the CLI, resumed bit-identically (weights and banks) after a SIGKILL."""
 import json
 import math
 import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import CNN_TEACHER, FEATURE_SUBSET, use_teachers
-from kdrun.commands.common import attach_objective
+from kill_resume import assert_resumed_identically, kill_and_resume, only_run
+from kdrun.training import attach_objective
 from kdrun.data.batches import Batch
 from kdrun.errors import KdrunError
 from kdrun.models import LeNet5, SmallCNN
@@ -165,7 +162,6 @@ def test_banks_over_the_memory_limit_are_one_line():
 
 # ---------------------------------------------------------------- end to end, and exact resume
 
-FAULT_AT = [sys.executable, str(Path(__file__).with_name("fault_at.py"))]
 SUBSET, TEACHER = FEATURE_SUBSET, CNN_TEACHER
 
 
@@ -173,18 +169,12 @@ def distill_args(epochs=1, *extra):
     return ["distill", *TEACHER, "student=lenet5", "loss=crd", *SUBSET, f"epochs={epochs}", *extra]
 
 
-def one_run(workdir):
-    runs = list((workdir / "runs" / "distill").iterdir())
-    assert len(runs) == 1, runs
-    return runs[0]
-
-
 @pytest.mark.slow
 def test_crd_distils_from_the_cli_with_its_banks_in_the_checkpoint_only(kdrun, workdir, cnn_teachers):
     use_teachers(cnn_teachers, workdir)
     proc = kdrun(*distill_args())
     assert "loss=crd: two memory banks of 300 rows x 128, 0.293 MiB on cpu; 299 negatives an example" in proc.stderr
-    run = one_run(workdir)
+    run = only_run(workdir)
     results = json.loads((run / "results.json").read_text())
     assert results["status"] == "completed" and results["loss"] == "CRD"
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
@@ -197,36 +187,13 @@ def test_crd_distils_from_the_cli_with_its_banks_in_the_checkpoint_only(kdrun, w
 
 
 @pytest.mark.slow
-def test_crd_killed_mid_training_resumes_bit_identical(kdrun, env, tmp_path, workdir, cnn_teachers):
-    args = distill_args(2)  # 300 images, batch 128: 3 steps an epoch
+def test_crd_killed_mid_training_resumes_bit_identical(kdrun_here, env, tmp_path, workdir, cnn_teachers):
     use_teachers(cnn_teachers, workdir)
-    kdrun(*args)
-    reference = tmp_path / "reference"
-    shutil.move(str(one_run(workdir)), str(reference))
-    proc = subprocess.run([*FAULT_AT, "step", "4", *args], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == -9, proc.stderr[-2000:]
-    run = one_run(workdir)
-    assert not (run / "model.pt").exists()
-    kdrun("resume", str(run))
-    a = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    b = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)
-    for part in ("model", "objective"):
-        assert a[part].keys() == b[part].keys()
-        for k in a[part]:
-            if k == "_extra_state":
-                assert torch.equal(a[part][k]["generator"], b[part][k]["generator"])
-            else:
-                assert torch.equal(a[part][k], b[part][k]), (part, k)
-    assert {"bank_s", "bank_t", "z"} <= a["objective"].keys()
-    for name in ("model.pt",):
-        ma, mb = torch.load(run / name, weights_only=True)["model"], torch.load(reference / name, weights_only=True)["model"]
-        assert all(torch.equal(ma[k], mb[k]) for k in mb)
-    strip = [{k: v for k, v in json.loads(line).items() if k != "seconds"}
-             for line in (run / "metrics.jsonl").read_text().splitlines()]
-    expected = [{k: v for k, v in json.loads(line).items() if k != "seconds"}
-                for line in (reference / "metrics.jsonl").read_text().splitlines()]
-    assert strip == expected
+    # 300 images, batch 128: 3 steps an epoch, killed in the second
+    run, reference = kill_and_resume(kdrun_here, env, tmp_path, workdir, distill_args(2), step=4)
+    assert_resumed_identically(run, reference)  # the banks, Z and the negatives' generator included
+    assert {"bank_s", "bank_t", "z", "_extra_state"} <= torch.load(run / "checkpoints" / "last.pt",
+                                                                   weights_only=True)["objective"].keys()
 
 
 BAD = [

@@ -9,6 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import QUICK
+from test_units import DATA
 from kdrun.cli import conf_dir
 from kdrun.commands import teacher
 from kdrun.data.batches import Batch
@@ -78,12 +79,12 @@ def test_ensemble_module_and_both_teacher_signals_give_the_combined_targets():
 def compose_cfg(name, overrides):
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose(config_name=name, overrides=list(overrides))
-        return cfg, teacher.members(cfg)
+        return cfg, teacher.source(cfg, DATA).members
 
 
 def test_members_by_seed_by_overrides_and_by_path_and_their_store_keys():
     from kdrun import store
-    from kdrun.commands.common import fold_recipe_overrides
+    from kdrun.parts import fold_recipe_overrides
 
     cfg, group = compose_cfg("distill", ["teacher=ensemble", "teacher.member=mlp30", "teacher.recipe.epochs=2",
                                          "teacher.members=[3,'teacher=mlp300 seed=1','/x/model.pt']"])
@@ -93,7 +94,7 @@ def test_members_by_seed_by_overrides_and_by_path_and_their_store_keys():
     # a member's key is the key `kdrun train teacher=mlp30 seed=3 epochs=2` stores its teacher under
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         trained = fold_recipe_overrides(compose(config_name="train", overrides=["teacher=mlp30", "epochs=2"]), ["teacher"])
-    assert group[0].key == store.teacher_key(trained, 3)
+    assert group[0].key == store.teacher_key(trained, 3, DATA)
     assert group[1].cfg.teacher.recipe.epochs == 2  # the ensemble's recipe reaches every member
 
 
@@ -116,7 +117,7 @@ def test_cli_members_as_a_sweep_then_ensemble_distill_evaluate_and_report(kdrun,
     assert ens["teacher"] == "ensemble(arithmetic, 3x mlp30)" and len(ens["members"]) == 3
 
     # the ensemble's errors, recomputed here from the stored members' files and the test split
-    from kdrun.commands.common import load_data
+    from kdrun.data.loading import load_data
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose(config_name="evaluate", overrides=[*QUICK, f"data_dir={env['KDRUN_DATA']}"])

@@ -1,15 +1,11 @@
 """Objectives that read features and own parameters: the FeatureTap, FitNets and attention transfer
 by hand on tiny tensors and by their invariances, what objectives declare, how their parameters are
-optimised, checkpointed and averaged under torchrun, and both methods end to end from the CLI,
-resumed bit-identically after a SIGKILL."""
+optimised, checkpointed and averaged under torchrun (both methods under torchrun itself:
+test_distributed.py), and both end to end from the CLI, resumed bit-identically after a SIGKILL."""
 
 import json
 import math
 import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +13,9 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import KDRUN, CNN_TEACHER, FEATURE_SUBSET, use_teachers
-from kdrun.commands.common import attach_objective
+from conftest import CNN_TEACHER, FEATURE_SUBSET, use_teachers
+from kill_resume import assert_resumed_identically, kill_and_resume, only_run
+from kdrun.training import attach_objective
 from kdrun.data.batches import Batch
 from kdrun.errors import KdrunError
 from kdrun.models import LeNet5, SmallCNN
@@ -298,7 +295,6 @@ def test_owned_parameters_gradients_are_averaged_over_torchrun_processes(tmp_pat
 
 # ---------------------------------------------------------------- end to end, and exact resume
 
-FAULT_AT = [sys.executable, str(Path(__file__).with_name("fault_at.py"))]
 SUBSET, TEACHER = FEATURE_SUBSET, CNN_TEACHER
 METHODS = {"fitnet": "hint", "at": "at_1"}
 
@@ -307,18 +303,12 @@ def distill_args(method, epochs=1):
     return ["distill", *TEACHER, "student=lenet5", f"loss={method}", *SUBSET, f"epochs={epochs}"]
 
 
-def one_run(workdir):
-    runs = list((workdir / "runs" / "distill").iterdir())
-    assert len(runs) == 1, runs
-    return runs[0]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_distill_with_a_feature_objective_from_the_cli(kdrun, workdir, cnn_teachers, method):
     use_teachers(cnn_teachers, workdir)
     kdrun(*distill_args(method))
-    run = one_run(workdir)
+    run = only_run(workdir)
     results = json.loads((run / "results.json").read_text())
     assert results["status"] == "completed" and results["loss"] in ("FitNet", "AttentionTransfer")
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
@@ -332,31 +322,12 @@ def test_distill_with_a_feature_objective_from_the_cli(kdrun, workdir, cnn_teach
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
-def test_a_feature_objective_killed_mid_training_resumes_bit_identical(kdrun, env, tmp_path, workdir, cnn_teachers,
-                                                                        method):
-    args = distill_args(method, epochs=2)  # 300 images, batch 128: 3 steps an epoch
+def test_a_feature_objective_killed_mid_training_resumes_bit_identical(kdrun_here, env, tmp_path, workdir,
+                                                                        cnn_teachers, method):
     use_teachers(cnn_teachers, workdir)
-    kdrun(*args)
-    reference = tmp_path / "reference"
-    shutil.move(str(one_run(workdir)), str(reference))
-    proc = subprocess.run([*FAULT_AT, "step", "5", *args], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == -9, proc.stderr[-2000:]
-    run = one_run(workdir)
-    assert not (run / "model.pt").exists()
-    kdrun("resume", str(run))
-    for name in ("model.pt", "checkpoints/last.pt"):
-        a = torch.load(run / name, weights_only=True)
-        b = torch.load(reference / name, weights_only=True)
-        for part in ("model", "objective") if name.endswith("last.pt") else ("model",):
-            assert a[part].keys() == b[part].keys()
-            for k in a[part]:
-                assert torch.equal(a[part][k], b[part][k]), (name, part, k)
-    strip = [{k: v for k, v in json.loads(line).items() if k != "seconds"}
-             for line in (run / "metrics.jsonl").read_text().splitlines()]
-    expected = [{k: v for k, v in json.loads(line).items() if k != "seconds"}
-                for line in (reference / "metrics.jsonl").read_text().splitlines()]
-    assert strip == expected
+    # 300 images, batch 128: 3 steps an epoch, killed in the second
+    run, reference = kill_and_resume(kdrun_here, env, tmp_path, workdir, distill_args(method, epochs=2), step=5)
+    assert_resumed_identically(run, reference)  # the FitNet regressor and its BatchNorm statistics included
 
 
 BAD = [
@@ -435,34 +406,3 @@ def test_the_documented_twenty_line_objective_trains_its_projection_with_the_stu
     _, loss, logs = objective(student, Batch(x, torch.zeros(5, dtype=torch.long), torch.arange(5)), 0.0)
     loss.backward()
     assert objective.proj.weight.grad is not None and logs["l2"] > 0
-
-
-@pytest.mark.slow
-def test_fitnet_under_two_gloo_processes_trains_the_student_and_regressor_one_process_does(tmp_path):
-    """DDP averages the student's gradients; the loop averages the regressor's (no BatchNorm in it:
-    batch statistics are per process)."""
-    import os
-
-    from conftest import write_mnist_like
-
-    write_mnist_like(tmp_path / "data" / "MNIST" / "raw", n_train=300, n_test=100)
-    env = {k: v for k, v in os.environ.items() if k not in ("KDRUN_DEBUG", "HYDRA_FULL_ERROR", "WORLD_SIZE", "RANK",
-                                                             "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(KDRUN_DATA=str(tmp_path / "data"), OMP_NUM_THREADS="1")
-    common = ["dataset=mnist", "progress=false", "device=cpu", "teacher=mlp30", "teacher.recipe.epochs=1"]
-    args = ["distill", *common, "student=mlp30", "epochs=1", "batch_size=41", "loss=fitnet", "loss.regressor_bn=false"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "kdrun"]
-    runs = {}
-    for name, launcher in (("single", KDRUN), ("torchrun", torchrun)):
-        work = tmp_path / name
-        for command in (["train", *common], args):
-            proc = subprocess.run([*(KDRUN if command[0] == "train" else launcher), *command],
-                                  env={**env, "KDRUN_WORKDIR": str(work)}, cwd=tmp_path, capture_output=True,
-                                  text=True, timeout=300)
-            assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[name] = torch.load(one_run(work) / "checkpoints" / "last.pt", weights_only=True)
-    for part in ("model", "objective"):
-        a, b = runs["single"][part], runs["torchrun"][part]
-        assert a.keys() == b.keys() and (part == "model" or "regressor.0.weight" in a)
-        for k in a:
-            assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), (part, k, (a[k] - b[k]).abs().max())

@@ -1,34 +1,35 @@
 """The methods from the command line: `kdrun distill loss=<method>` end to end on a small Fashion-MNIST
-subset, the logit ones through a fused T sweep, and a -m sweep over methods and seeds."""
+subset, killed with SIGKILL and resumed bit-identically, the logit ones through a fused T sweep equal to
+their own runs, and a -m sweep over methods and seeds."""
 
 import csv
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from conftest import trained_teacher, use_teachers
+from conftest import CNN_TEACHER, FEATURE_SUBSET, QUICK, use_teachers
+from kill_resume import assert_resumed_identically, kill_and_resume
 
-SMALL = ["dataset=fashion_mnist", "dataset.limit=300", "dataset.test_limit=100", "progress=false"]
-CNN = ["teacher=cnn", "teacher.recipe.epochs=1"]
+SMALL, CNN = FEATURE_SUBSET, CNN_TEACHER  # 300 Fashion-MNIST images, the session's cnn teacher (cnn_teachers)
 STUDENT = ["student=lenet5", "student.recipe.jitter=0", "epochs=1"]  # cached soft targets: no jitter
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def cnn_teacher(tmp_path_factory, data_dir):
-    return trained_teacher(tmp_path_factory, data_dir, [*CNN, *SMALL])
-
-
 @pytest.fixture
-def here(kdrun_here, workdir, cnn_teacher):
-    use_teachers(cnn_teacher, workdir)
+def here(kdrun_here, workdir, cnn_teachers):
+    use_teachers(cnn_teachers, workdir)
     return kdrun_here
 
 
 def newest(folder):
     return max(Path(folder).iterdir(), key=lambda p: p.stat().st_mtime)
+
+
+def weights(run_dir):
+    return torch.load(Path(run_dir) / "model.pt", weights_only=True)["model"]
 
 
 def rows(run_dir):
@@ -56,17 +57,58 @@ def test_a_method_distils_end_to_end(here, workdir, method, extra, terms):
     assert (run / "model.pt").is_file()
 
 
-@pytest.mark.parametrize("method", ["dkd", "dist"])
-def test_a_logit_method_sweeps_T_fused(here, workdir, method):
-    here("distill", f"loss={method}", *CNN, "student=mlp800", "epochs=1", *SMALL, "sweep.fused=true", "T=[2,4]")
+# every method but those with resume tests of their own (fitnet and at: test_feature_objectives.py, crd:
+# test_crd.py), on the smallest models: mlp30 from an mlp30 (SP compares the second hidden layers)
+RESUMED = {
+    "hinton standardize": ["loss=hinton", "loss.standardize=true"],
+    "dkd": ["loss=dkd"],
+    "dist": ["loss=dist"],
+    "rkd": ["loss=rkd"],
+    "sp": ["loss=sp"],
+}
+
+
+@pytest.mark.parametrize("method", RESUMED)
+def test_a_method_killed_mid_training_resumes_bit_identical(kdrun_here, env, tmp_path, workdir, mlp30_teachers,
+                                                            method):
+    use_teachers(mlp30_teachers, workdir)
+    args = ["distill", *RESUMED[method], "teacher=mlp30", "teacher.recipe.epochs=1", "student=mlp30", "epochs=2",
+            *QUICK]
+    # 1000 images, batch 128: 8 steps an epoch, killed after the second step of the second
+    run, reference = kill_and_resume(kdrun_here, env, tmp_path, workdir, args, step=10)
+    assert_resumed_identically(run, reference)
+
+
+# the logit methods (HintonKD without standardize: test_fused.py) and the class name results.json records
+FUSED = {
+    "hinton standardize": (["loss=hinton", "loss.standardize=true"], "HintonKD"),
+    "dkd": (["loss=dkd"], "DKD"),
+    "dist": (["loss=dist"], "DIST"),
+}
+
+
+@pytest.mark.parametrize("method", FUSED)
+def test_a_logit_method_sweeps_T_fused_each_student_as_its_own_run(here, workdir, method):
+    extra, name = FUSED[method]
+    common = ["distill", *extra, *CNN, "student=mlp30", "epochs=2", *SMALL]  # DKD two epochs into its warm-up
+    here(*common, "sweep.fused=true", "T=[2,4]")
     fused = newest(workdir / "runs" / "distill")
     with open(fused / "summary.csv") as f:
-        summary = list(csv.DictReader(f))
-    assert [float(r["T"]) for r in summary] == [2.0, 4.0]
+        assert [float(r["T"]) for r in csv.DictReader(f)] == [2.0, 4.0]
     for k, T in enumerate((2.0, 4.0)):
-        (row,) = rows(fused / str(k))
-        assert row["T"] == T
-        assert json.loads((fused / str(k) / "results.json").read_text())["loss"] == method.upper()
+        here(*common, f"T={T}")
+        alone, student = newest(workdir / "runs" / "distill"), fused / str(k)
+        assert json.loads((student / "results.json").read_text())["loss"] == name
+        mine, theirs = weights(student), weights(alone)
+        assert mine.keys() == theirs.keys()
+        for p in mine:  # K students as one batched model: float32 rounding apart
+            torch.testing.assert_close(mine[p], theirs[p], rtol=1e-4, atol=1e-5, msg=f"student {k}: {p}")
+        a, b = rows(student), rows(alone)
+        assert [r["test_errors"] for r in a] == [r["test_errors"] for r in b]
+        for ra, rb in zip(a, b):
+            assert ra.keys() - {"seconds"} == rb.keys() - {"seconds"} and ra["T"] == T
+            for key in rb.keys() - {"seconds", "test_errors", "n_test"}:
+                assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), (k, key)
     assert rows(fused / "0")[0]["loss"] != rows(fused / "1")[0]["loss"]  # two temperatures, two objectives
 
 

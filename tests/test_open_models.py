@@ -13,7 +13,9 @@ from torch import nn
 
 from conftest import kdrun_in_process
 from kdrun.commands import models as models_command
-from kdrun.commands.common import check_buildable, check_model_payload, load_model
+from kdrun.model_files import check_model_payload, load_model
+from kdrun.parts import RolePart
+from kdrun.preflight import check_buildable
 from kdrun.errors import KdrunError
 from kdrun.models import MLP, capabilities
 from kdrun.models.build import build_model, with_input_shape
@@ -85,11 +87,16 @@ def not_a_module(num_classes):
     return "a string"
 
 
+def student_of(cfg):
+    """check_buildable's arguments for the student of `cfg`."""
+    return cfg.dataset, [RolePart.of(cfg, "student")]
+
+
 def cfg_with(model, shape=(1, 28, 28), num_classes=10):
     """A config like a command's: a dataset, and a student built from `model`."""
     return OmegaConf.create({
         "dataset": {"name": "fashion_mnist", "shape": list(shape), "num_classes": num_classes},
-        "student": {"model": model, "recipe": {
+        "student": {"name": "mynet", "model": model, "recipe": {
             "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1},
             "scheduler": {"_target_": "kdrun.schedules.lr_schedule", "_partial_": True, "kind": "cosine",
                           "warmup_steps": 0}}}})
@@ -240,7 +247,7 @@ def test_specialist_head_from_a_generalist_with_another_head_name():
 
 
 def test_check_buildable_returns_capabilities():
-    found = check_buildable(cfg_with({"_target_": f"{ME}.Net"}), ["student"])
+    found = check_buildable(*student_of(cfg_with({"_target_": f"{ME}.Net"})))
     assert found["student"].head == "fc"
 
 
@@ -260,10 +267,10 @@ def test_check_buildable_returns_capabilities():
 def test_check_buildable_refuses_a_model_that_does_not_fit_the_data(model, shape, message):
     cfg = cfg_with(model, shape)
     if message is None:  # Spy takes any shape
-        check_buildable(cfg, ["student"])
+        check_buildable(*student_of(cfg))
         return
     with pytest.raises(KdrunError) as e:
-        check_buildable(cfg, ["student"])
+        check_buildable(*student_of(cfg))
     assert str(e.value) == message
 
 

@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from kdrun.commands.common import load_data, transfer_identity
+from kdrun.data.loading import load_data, transfer_identity
 from kdrun.data.readers import build_reader
 from kdrun.errors import KdrunError
 
@@ -173,8 +173,9 @@ def test_a_changed_image_is_a_new_cache_key_and_a_new_transfer_identity(tmp_path
     from kdrun.store import dataset_identity
 
     other = folder_config(tmp_path / "other_tree", tmp_path)
-    assert dataset_identity(other) != dataset_identity(ds)  # another tree is another teacher
-    assert dataset_identity(folder_config(root, tmp_path, workers=2)) == dataset_identity(ds)
+    assert dataset_identity(ds, before) != dataset_identity(ds, after)  # a changed image: another teacher
+    assert dataset_identity(other, after) != dataset_identity(ds, after)  # another tree is another teacher
+    assert dataset_identity(folder_config(root, tmp_path, workers=2), after) == dataset_identity(ds, after)
 
 
 def _error(ds, tmp_path):
@@ -301,7 +302,7 @@ def test_cli_refuses_a_bad_dataset_in_one_line_and_writes_nothing(kdrun, workdir
 
 
 def test_a_tree_whose_classes_are_not_num_classes_is_refused_before_a_run(tmp_path):
-    from kdrun.commands.common import check_inputs
+    from kdrun.preflight import check_inputs
 
     root = tmp_path / "tree"
     write_tree(root)

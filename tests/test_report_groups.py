@@ -194,3 +194,18 @@ def test_a_real_anneal_sweep_reports_two_rows(kdrun, workdir):
     column = header("\n\n" + table).index("temperature.start") + 1
     assert [cells[column].strip() for cells in distilled] == ["2", "50"]
     assert all(cells[header("\n\n" + table).index("n") + 1].strip() == "1" for cells in distilled)
+
+
+def test_runs_of_one_setup_from_two_versions_of_a_preset_are_one_row(tmp_path):
+    """A preset's run list and reference numbers (pipeline.*, paper.*) travel in every run's config, but
+    what a run computes does not depend on them: a run composed from an edited preset joins its seeds."""
+    for seed, (runs, e) in enumerate(((["alpha=0.5"], 30), (["alpha=0.5", "T=2,4"], 34))):
+        cfg = config("distill", f"seed={seed}")
+        cfg["pipeline"] = {"runs": {"distilled": runs}}
+        cfg["paper"] = {"source": f"version {seed}"}
+        result(tmp_path, f"seed{seed}", cfg, e)
+    cfg = config("distill", "seed=2", "alpha=0.3")
+    result(tmp_path, "other", cfg, 50)
+    rows, _ = summarise(collect([tmp_path]))
+    assert sorted((r["n"], r["errors_mean"]) for r in rows) == [(1, 50), (2, 32)]
+    assert not [c for c in header(render(rows, [], "t")) if c.startswith(("pipeline", "paper"))]

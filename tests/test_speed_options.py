@@ -13,7 +13,7 @@ from kdrun.errors import KdrunError
 from kdrun.loop import FiniteLoss
 from kdrun.models import MLP
 from kdrun.models.base import Dropout
-from test_units import config
+from test_units import DATA, config
 
 TEACHER = ["teacher=mlp30", "teacher.recipe.epochs=1"]
 STUDENT = ["student=mlp30", "epochs=2", "T=2"]
@@ -107,13 +107,13 @@ def test_bf16_and_compile_train_the_same_student(kdrun, workdir, mlp30_teachers)
 
 def test_a_missing_teacher_names_its_own_key_and_deletes_what_the_stored_one_lacks(tmp_path):
     cfg = config("distill", ["teacher=mlp30", f"workdir={tmp_path}"])
-    stored = store.teacher_identity(cfg, 0)
+    stored = store.teacher_identity(cfg, 0, DATA)
     del stored["teacher"]["recipe"]["optimizer"]["fused"]  # a teacher stored before the recipe had the key
     entry = tmp_path / "teachers" / "old"
     entry.mkdir(parents=True)
     (entry / "teacher.json").write_text(json.dumps({"identity": stored}))
-    message = store.missing_teacher_message(cfg, 0, "kdrun train ...")
-    assert f"(key {store.teacher_key(cfg, 0)})" in message
+    message = store.missing_teacher_message(store.teacher_identity(cfg, 0, DATA), tmp_path, "kdrun train ...")
+    assert f"(key {store.teacher_key(cfg, 0, DATA)})" in message
     assert message.endswith("or use the stored one trained with ~teacher.recipe.optimizer.fused by adding that to "
                             "your command")
     assert Path(entry).is_dir()

@@ -11,14 +11,18 @@ from hydra import compose, initialize_config_dir
 from conftest import QUICK
 from kdrun import soft_targets, store
 from kdrun.cli import conf_dir
-from kdrun.commands.common import fold_recipe_overrides
 from kdrun.data.batches import DeviceData
 from kdrun.errors import KdrunError
 from kdrun.loop import fit
 from kdrun.models import MLP
 from kdrun.objectives import CachedLogits, HintonKD
 from kdrun.objectives.base import Objective
+from kdrun.parts import fold_recipe_overrides
 from kdrun.schedules import Anneal, Constant, LrShape
+
+
+# the transfer identity of a data set the store's keys are computed for, with no files read
+DATA = {"files": {"train-images-idx3-ubyte": "0" * 16, "train-labels-idx1-ubyte": "1" * 16}}
 
 
 def config(name="distill", overrides=()):
@@ -143,12 +147,13 @@ def test_recipe_overrides_go_to_the_trained_model_and_change_the_teacher_key():
     assert (r.epochs, r.optimizer.lr, r.batch_size) == (3, 0.2, 64)
     assert (folded.epochs, folded.lr, folded.batch_size) == (None, None, None)
     assert folded.student.recipe.epochs == cfg.student.recipe.epochs  # students untouched
-    assert store.teacher_key(folded, 0) != store.teacher_key(fold_recipe_overrides(config("train", ["teacher=mlp300"]), ["teacher"]), 0)
-    assert store.teacher_key(folded, 0) != store.teacher_key(folded, 1)
+    plain = fold_recipe_overrides(config("train", ["teacher=mlp300"]), ["teacher"])
+    assert store.teacher_key(folded, 0, DATA) != store.teacher_key(plain, 0, DATA)
+    assert store.teacher_key(folded, 0, DATA) != store.teacher_key(folded, 1, DATA)
     # distill looks the teacher up from its own recipe, whatever the student's overrides
     d = fold_recipe_overrides(config("distill", ["teacher=mlp300", "epochs=3"]), ["student"])
     t = fold_recipe_overrides(config("train", ["teacher=mlp300"]), ["teacher"])
-    assert store.teacher_key(d, 0) == store.teacher_key(t, 0) and d.student.recipe.epochs == 3
+    assert store.teacher_key(d, 0, DATA) == store.teacher_key(t, 0, DATA) and d.student.recipe.epochs == 3
 
 
 def test_every_temperature_in_the_sweep_is_one_objective_config():

@@ -5,21 +5,23 @@ import logging
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from kdrun import bias
 from kdrun.commands import fused, teacher
-from kdrun.commands.common import (attach_objective, check_buildable, check_inputs, fold_recipe_overrides, load_data,
-                                   resolve_device, save_config, target_name, train_model)
 from kdrun.commands.teaching import needs, online, student_results, teacher_signal, teacher_tap, uses_teacher
+from kdrun.data.loading import load_data
 from kdrun.data.transfer import affected_classes, select_rows, unseen_classes
+from kdrun.devices import resolve_device
 from kdrun.errors import KdrunError, first_line
 from kdrun.io import write_json
 from kdrun.loop import predict
 from kdrun.models.build import build_model
 from kdrun.objectives import CachedLogits, OnlineTeacher
-from kdrun.run import save_model
+from kdrun.parts import DataPart, ObjectivePart, OutputsPart, RolePart, fold_recipe_overrides
+from kdrun.preflight import check_buildable, check_inputs
+from kdrun.run import save_config, save_model, target_name
 from kdrun.sweep import is_fused
+from kdrun.training import attach_objective, train_model
 
 log = logging.getLogger("kdrun")
 
@@ -42,7 +44,7 @@ def check_val_size(cfg, n_train):
 def check_student(cfg, n_rows=None):
     """The student's model, recipe and objective can be built, and fit the teacher's signal (`n_rows`:
     the train split's rows, for an objective that keeps state per row)."""
-    found = check_buildable(cfg, ["student"])
+    found = check_buildable(cfg.dataset, [RolePart.of(cfg, "student")])
     if cfg.transfer.bias_correction:
         found["student"].require("transfer.bias_correction=true", bias=True)
     need = needs(cfg)
@@ -84,7 +86,7 @@ def check_features(cfg, objective, need, n_rows=None):
             student = build_model(cfg.student.model, cfg.dataset.num_classes)
             if need.teacher_features:
                 model = build_model(cfg.teacher.model, cfg.dataset.num_classes).eval()
-                objective.teacher = OnlineTeacher(model, None, teacher_tap(cfg, model, need))
+                objective.teacher = OnlineTeacher(model, None, teacher_tap(cfg.teacher.model, model, need))
             attach_objective(cfg.student.model, student, objective, cfg.dataset.shape, n_rows)
     except KdrunError:
         raise
@@ -97,29 +99,31 @@ def run(cfg, run_dir, label=None):
         return fused.run(cfg, run_dir)
     cfg = fold_recipe_overrides(cfg, ["student"])
     save_config(cfg, run_dir)
-    device = resolve_device(cfg.device)
-    data = load_data(cfg, device)
-    rows = select_rows(data.train.labels.cpu(), cfg.transfer, cfg.dataset.subset_seed)
-    transfer_set = data.train.subset(rows.train, labelled=cfg.transfer.labels)
-    signal, info = teacher_signal(cfg, data)
-    objective = instantiate(cfg.loss, teacher=signal)
-    extra = student_results(cfg, label, rows, info)
-    results, model = train_model(cfg, run_dir, "student", objective, data, transfer_set, device, extra)
-    if cfg.transfer.bias_correction:
-        results["bias_correction"] = correct_bias(cfg, run_dir, model, data, rows)
-        write_json(run_dir / "results.json", results)
+    source, student, objective = DataPart.of(cfg), RolePart.of(cfg, "student"), ObjectivePart.of(cfg)
+    outputs = OutputsPart.of(cfg, run_dir)
+    device = resolve_device(source.device)
+    data = load_data(source, device)
+    rows = select_rows(data.train.labels.cpu(), source.transfer, source.dataset.subset_seed)
+    transfer_set = data.train.subset(rows.train, labelled=source.transfer.labels)
+    taught_by = teacher.source(cfg, data.transfer) if objective.uses_teacher else None
+    signal, info = teacher_signal(objective, taught_by, data, student.channels_last)
+    extra = student_results(student, objective, source.transfer, label, rows, info)
+    results, model = train_model(student, outputs, objective.build(teacher=signal), data, transfer_set, device, extra)
+    if source.transfer.bias_correction:
+        results["bias_correction"] = correct_bias(source, student, outputs, model, data, rows)
+        write_json(outputs.run_dir / "results.json", results)
     return results
 
 
-def correct_bias(cfg, run_dir, model, data, rows):
+def correct_bias(source, student, outputs, model, data, rows):
     """Tune one additive shift of the affected classes' logits on the validation split, report test
     errors before and after, and save the shifted model beside the trained one."""
-    classes = affected_classes(cfg.transfer)
+    classes = affected_classes(source.transfer)
     val = data.train.subset(rows.val)
     val_logits, test_logits = predict(model, val), predict(model, data.test)
     shift, val_after = bias.tune_shift(val_logits, val.labels, classes)
     test_after = bias.shift_logits(test_logits, classes, shift)
-    unseen = unseen_classes(cfg.transfer, data.num_classes)
+    unseen = unseen_classes(source.transfer, data.num_classes)
     on_unseen = torch.isin(data.test.labels, torch.tensor(unseen, device=data.test.device))
     out = {
         "classes": classes, "shift": shift, "n_val": len(val),
@@ -130,10 +134,10 @@ def correct_bias(cfg, run_dir, model, data, rows):
         "test_errors_unseen_before": bias.errors(test_logits[on_unseen], data.test.labels[on_unseen]),
         "test_errors_unseen_after": bias.errors(test_after[on_unseen], data.test.labels[on_unseen]),
     }
-    arch = OmegaConf.to_container(cfg.student.model, resolve=True)
+    arch = student.arch
     bias.apply_shift(model, classes, shift, arch.get("head"))
-    save_model(run_dir / "model_bias_corrected.pt", model, arch, cfg.dataset.name, data.num_classes,
-               {"name": cfg.student.name, "role": "student", "bias_correction": out})
+    save_model(outputs.run_dir / "model_bias_corrected.pt", model, arch, outputs.dataset, data.num_classes,
+               {"name": student.name, "role": "student", "bias_correction": out})
     log.info("bias correction: shift %+.1f on classes %s: val errors %d -> %d, test errors %d -> %d", shift, classes,
              out["val_errors_before"], val_after, out["test_errors_before"], out["test_errors_after"])
     return out

@@ -1,23 +1,29 @@
-"""`kdrun pipeline`: train the teacher (if missing, and if a run needs it) -> cache its soft targets ->
-each named run of `pipeline.runs` -> each ensemble of `pipeline.ensembles` -> a report of them all.
+"""`kdrun pipeline`: train each teacher the runs distil from (if missing) -> cache its soft targets (if a
+run reads them) -> each named run of `pipeline.runs` -> each ensemble of `pipeline.ensembles` -> a report
+of them all.
 
 Every run is exactly a `kdrun distill` (or the command its first word names: `self-distill`, `mutual`)
 with the pipeline's command line plus that run's overrides; `teacher_ckpt=@NAME` distils from the model
-of an earlier run (the same seed's), which chains born-again generations. Presets (conf/experiment/)
-define the runs."""
+of an earlier run (the same seed's), which chains born-again generations. A run may name its own
+`teacher=`: the pipeline trains (or finds in the store) every distinct teacher once. `pipeline.include`
+runs the runs of other presets too (a benchmark table of teacher -> student pairs), each in its own folder,
+all in one report. Presets (conf/experiment/) define the runs."""
 
 import difflib
 import importlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from kdrun import report, resume, store
-from kdrun.commands import distill, soft_targets, train
-from kdrun.commands.common import check_inputs, fold_recipe_overrides, save_config
+from kdrun.commands import distill, soft_targets, teacher, train
 from kdrun.errors import KdrunError, first_line
 from kdrun.io import write_json
+from kdrun.parts import fold_recipe_overrides
+from kdrun.preflight import check_inputs
+from kdrun.run import save_config
 from kdrun.run_config import run_config
 from kdrun.validate import validate
 
@@ -25,6 +31,20 @@ log = logging.getLogger("kdrun")
 NOT_PASSED_ON = ("pipeline.", "paper", "hydra.")  # pipeline-only keys, not a run's
 RESERVED = ("teacher", "soft_targets")  # the pipeline's own folders
 RUN_COMMANDS = ("distill", "self-distill", "mutual")  # what a run's first word may name
+
+
+@dataclass
+class Plan:
+    """The runs of one preset: the pipeline's own (folder ""), or one of `pipeline.include` (its folder,
+    the preset's name), with the pipeline config and command line they are composed from."""
+
+    folder: str
+    cfg: object
+    overrides: list
+    runs: list  # student_runs()
+
+    def where(self, run_dir, name):
+        return Path(run_dir) / self.folder / name if self.folder else Path(run_dir) / name
 
 
 def _command_of(name, extra):
@@ -47,10 +67,10 @@ def student_runs(cfg, overrides):
     from kdrun.launch import expand_alpha_shorthand, sweep_points
 
     base = [o for o in overrides if not o.partition("=")[0].lstrip("+~").startswith(NOT_PASSED_ON)]
-    seeds = cfg.pipeline.seeds
+    seeds, only = cfg.pipeline.seeds, cfg.pipeline.get("only")
     runs = []
     for name, extra in cfg.pipeline.runs.items():
-        if extra is None:  # a preset drops a default run with `name: null`
+        if extra is None or (only is not None and name not in only):  # a preset drops a default run with `name: null`
             continue
         if name in RESERVED:
             raise KdrunError(f"pipeline.runs.{name}: a run cannot be named {' or '.join(RESERVED)}")
@@ -65,6 +85,38 @@ def student_runs(cfg, overrides):
             raise KdrunError(f"pipeline.runs.{name}: {first_line(e)}") from None
         runs.append((name, command, [(job, job[len(base):]) for job in jobs]))
     return runs
+
+
+def plans(cfg, overrides):
+    """The pipeline's own runs, then those of each preset `pipeline.include` names, composed as
+    `kdrun pipeline experiment=PRESET` with the rest of this command line."""
+    from hydra import compose
+
+    from kdrun.launch import explain
+
+    out = [Plan("", cfg, list(overrides), student_runs(cfg, overrides))]
+    rest = [o for o in overrides if o.partition("=")[0].lstrip("+~") not in ("experiment", "pipeline.include")]
+    for preset in cfg.pipeline.get("include") or []:
+        words = [*rest, f"experiment={preset}"]
+        try:
+            sub = compose(config_name="pipeline", overrides=words)
+        except Exception as e:
+            raise KdrunError(f"pipeline.include: {explain(e, 'pipeline')}") from None
+        if sub.pipeline.get("include"):
+            raise KdrunError(f"pipeline.include: {preset} includes presets itself; include those directly")
+        if preset in cfg.pipeline.runs or preset in RESERVED:
+            raise KdrunError(f"pipeline.include: {preset} is also the name of a run")
+        sub = fold_recipe_overrides(sub, ["teacher", "student"])
+        try:
+            out.append(Plan(str(preset), sub, words, student_runs(sub, words)))
+        except KdrunError as e:
+            raise KdrunError(f"pipeline.include: {preset}: {e}") from None
+    names = {name for plan in out for name, _, _ in plan.runs}
+    unknown = [n for n in cfg.pipeline.get("only") or [] if n not in names]
+    if unknown:
+        known = sorted({n for plan in out for n, extra in plan.cfg.pipeline.runs.items() if extra is not None})
+        raise KdrunError(f"pipeline.only: no run is named {unknown[0]} (runs: {', '.join(known)})")
+    return out
 
 
 def compose_run(name, job, command="distill"):
@@ -98,27 +150,75 @@ def needs_store_teacher(command, run_cfg):
     return command == "distill" and distill.uses_teacher(run_cfg) and not run_cfg.teacher_ckpt
 
 
+def _as_teacher(run_cfg):
+    """The `kdrun train` config of the teacher a run distils from: its own config, at teacher_seed."""
+    cfg = run_cfg.copy()
+    cfg.seed = run_cfg.teacher_seed
+    cfg.command = "train"  # its results are a teacher's, whoever trains it
+    return cfg
+
+
+def teachers(jobs):
+    """The distinct store teachers of (command, run config) jobs, in order: {key: (kdrun train config,
+    a run config that reads cached soft targets from it, or None)}."""
+    from kdrun.commands.teaching import online
+
+    found = {}
+    for command, run_cfg in jobs:
+        if not needs_store_teacher(command, run_cfg):
+            continue
+        key = store.teacher_key(run_cfg, run_cfg.teacher_seed)
+        teacher_cfg, cached = found.get(key, (_as_teacher(run_cfg), None))
+        found[key] = (teacher_cfg, cached or (None if online(run_cfg) else run_cfg))
+    return found
+
+
+def teacher_folders(found):
+    """teacher/ (and soft_targets/) for one teacher; teacher/NAME for several (NAME_2, ... for a name
+    that several of them share)."""
+    if len(found) == 1:
+        return {key: "" for key in found}
+    folders, seen = {}, {}
+    for key, (teacher_cfg, _) in found.items():
+        name = str(teacher_cfg.teacher.name)
+        seen[name] = seen.get(name, 0) + 1
+        folders[key] = name if seen[name] == 1 else f"{name}_{seen[name]}"
+    return folders
+
+
 def preflight(cfg, overrides=()):
     transfer = check_inputs(cfg)
     train.preflight(cfg)
-    key = store.teacher_key(fold_recipe_overrides(cfg, ["teacher", "student"]), cfg.teacher_seed)
-    earlier = {}  # run name -> (command, the seed of each of its jobs)
-    for name, command, jobs in student_runs(cfg, overrides):
-        seeds = []
-        for job in jobs:
-            run_cfg = compose_run(name, job, command)
-            try:
-                validate(run_cfg)
-                _check_run(command, run_cfg, transfer, earlier)
-            except KdrunError as e:
-                raise KdrunError(f"pipeline.runs.{name}: {e}") from None
-            seeds.append(run_cfg.seed)
-            if not needs_store_teacher(command, run_cfg):
-                continue
-            same = (run_cfg.workdir, run_cfg.teacher_seed) == (cfg.workdir, cfg.teacher_seed)
-            if store.teacher_key(run_cfg, run_cfg.teacher_seed) != key or not same:
-                raise KdrunError(f"pipeline.runs.{name} changes the teacher; every run distils from the pipeline's")
-        earlier[name] = (command, seeds)
+    jobs = []
+    for plan in plans(fold_recipe_overrides(cfg, ["teacher", "student"]), overrides):
+        where = f"pipeline.include: {plan.folder}: " if plan.folder else ""
+        if plan.folder:
+            transfer = check_inputs(plan.cfg)
+        earlier = {}  # run name -> (command, the seed of each of its jobs)
+        for name, command, runs in plan.runs:
+            seeds = []
+            for job in runs:
+                try:
+                    run_cfg = compose_run(name, job, command)
+                except KdrunError as e:
+                    raise KdrunError(f"{where}{e}") from None
+                try:
+                    validate(run_cfg)
+                    _check_run(command, run_cfg, transfer, earlier, job[0])
+                except KdrunError as e:
+                    raise KdrunError(f"{where}pipeline.runs.{name}: {e}") from None
+                seeds.append(run_cfg.seed)
+                jobs.append((command, run_cfg))
+            earlier[name] = (command, seeds)
+        if plan.folder and plan.cfg.pipeline.get("ensembles"):
+            raise KdrunError(f"pipeline.include: {plan.folder} has pipeline.ensembles, which an included preset "
+                             "cannot have")
+        _check_ensembles(plan.cfg, earlier)
+    for teacher_cfg, _ in teachers(jobs).values():
+        train.preflight(teacher_cfg)
+
+
+def _check_ensembles(cfg, earlier):
     for name, members in (cfg.pipeline.get("ensembles") or {}).items():
         if not OmegaConf.is_list(members) or len(members) < 2 or any(m not in earlier for m in members):
             raise KdrunError(f"pipeline.ensembles.{name} must list 2 or more runs of pipeline.runs "
@@ -131,8 +231,9 @@ def preflight(cfg, overrides=()):
             raise KdrunError(f"pipeline.ensembles.{name}: the name is taken")
 
 
-def _check_run(command, run_cfg, transfer, earlier):
-    """What `kdrun <command>`'s preflight checks, except the teacher an @NAME run will make."""
+def _check_run(command, run_cfg, transfer, earlier, words):
+    """What `kdrun <command>`'s preflight checks, except the teachers the pipeline trains (missing from the
+    store) or an @NAME run will make."""
     ref = _reference(run_cfg)
     if ref is not None:
         if ref not in earlier:
@@ -144,6 +245,8 @@ def _check_run(command, run_cfg, transfer, earlier):
     if command != "distill":
         _module(command).preflight(run_cfg)
         return
+    if run_cfg.teacher_ckpt and ref is None and distill.uses_teacher(run_cfg):
+        teacher.check(run_cfg, transfer, words)
     distill.check_student(run_cfg, transfer["n"])
     distill.check_val_size(run_cfg, transfer["n"])
 
@@ -171,49 +274,74 @@ def run(cfg, run_dir):
     # epochs/lr/batch_size typed on the command line apply to every model the pipeline trains
     cfg = fold_recipe_overrides(cfg, ["teacher", "student"])
     save_config(cfg, run_dir)
-    runs = student_runs(cfg, overrides)
-    if any(needs_store_teacher(command, compose_run(name, job, command)) for name, command, jobs in runs for job in jobs):
-        teacher_cfg = cfg.copy()
-        teacher_cfg.seed = cfg.teacher_seed
-        teacher_cfg.command = "train"  # its results are a teacher's, whoever trains it
-        train.run(teacher_cfg, run_dir / "teacher")
-        soft_targets.run(cfg, run_dir / "soft_targets")
-    done, models = [], {}  # run name -> {seed: its model.pt}
-    for name, command, jobs in runs:
-        models[name] = {}
-        for i, job in enumerate(jobs):
-            where = run_dir / name if len(jobs) == 1 else run_dir / name / str(i)
-            log.info("pipeline: %s -> %s (kdrun %s %s)", name, where, command, " ".join(job[0]))
-            done.append(str(where))
-            run_cfg = compose_run(name, job, command)
-            ref = _reference(run_cfg)
-            if ref is not None:
-                run_cfg.teacher_ckpt = models[ref][run_cfg.seed]
-            if cfg.resume and resume.status(where) == "completed":
-                log.info("pipeline: %s is complete; kept", where)
-            else:
-                _module(command).run(run_cfg, where, label=name)
-            models[name][run_cfg.seed] = str(where / "model.pt")
-    for name, members in (cfg.pipeline.get("ensembles") or {}).items():
-        seeds = sorted(models[members[0]])
-        for i, seed in enumerate(seeds):
-            where = run_dir / name if len(seeds) == 1 else run_dir / name / str(i)
-            done.append(str(where))
-            evaluate_ensemble(cfg, where, name, list(members), [models[m][seed] for m in members])
+    steps = plans(cfg, overrides)
+    composed = {(plan.folder, name, i): compose_run(name, job, command)
+                for plan in steps for name, command, jobs in plan.runs for i, job in enumerate(jobs)}
+    found = teachers([(command, composed[plan.folder, name, i]) for plan in steps for name, command, jobs in plan.runs
+                      for i in range(len(jobs))])
+    folders = teacher_folders(found)
+    for key, (teacher_cfg, cached) in found.items():
+        train.run(teacher_cfg, run_dir / "teacher" / folders[key])
+        if cached is not None:
+            soft_targets.run(cached, run_dir / "soft_targets" / folders[key])
+    done = []
+    for plan in steps:
+        done += _run_plan(plan, run_dir, composed)
     paper = OmegaConf.to_container(cfg.paper, resolve=True) if cfg.get("paper") else None
+    included = [plan for plan in steps if plan.folder]
+    if included:
+        paper = {**(paper or {}), "pairs": [_pair(plan) for plan in included]}
     preset = hc.runtime.choices.get("experiment")
     title = f"kdrun pipeline experiment={preset}" if preset else f"kdrun pipeline: {cfg.dataset.name}"
-    text, rows = report.write([run_dir], run_dir, title=title, paper=paper)
+    order = list(dict.fromkeys(name for plan in steps for name, _, _ in plan.runs))
+    text, rows = report.write([run_dir], run_dir, title=title, paper=paper, order=order)
     write_json(run_dir / "results.json", {"command": "pipeline", "status": "completed", "runs": done,
                                           "report": str(run_dir / "report.md"), "config": run_config(cfg)})
     print(f"\n{text}")
     return rows
 
 
+def _pair(plan):
+    """An included preset as a row of the report's table of pairs: its teacher and student, and its
+    paper's numbers."""
+    paper = OmegaConf.to_container(plan.cfg.paper, resolve=True) if plan.cfg.get("paper") else {}
+    return {"preset": plan.folder, "teacher": plan.cfg.teacher.name, "student": plan.cfg.student.name,
+            "rows": paper.get("rows") or []}
+
+
+def _run_plan(plan, run_dir, composed):
+    done, models = [], {}  # run name -> {seed: its model.pt}
+    for name, command, jobs in plan.runs:
+        models[name] = {}
+        for i, job in enumerate(jobs):
+            where = plan.where(run_dir, name) if len(jobs) == 1 else plan.where(run_dir, name) / str(i)
+            log.info("pipeline: %s -> %s (kdrun %s %s)", name, where, command, " ".join(job[0]))
+            done.append(str(where))
+            run_cfg = composed[plan.folder, name, i]
+            ref = _reference(run_cfg)
+            if ref is not None:
+                run_cfg.teacher_ckpt = models[ref][run_cfg.seed]
+            if plan.cfg.resume and resume.status(where) == "completed":
+                log.info("pipeline: %s is complete; kept", where)
+            else:
+                _module(command).run(run_cfg, where, label=name)
+            models[name][run_cfg.seed] = str(where / "model.pt")
+    for name, members in (plan.cfg.pipeline.get("ensembles") or {}).items():
+        seeds = sorted(models[members[0]])
+        for i, seed in enumerate(seeds):
+            where = plan.where(run_dir, name) if len(seeds) == 1 else plan.where(run_dir, name) / str(i)
+            done.append(str(where))
+            evaluate_ensemble(plan.cfg, where, name, list(members), [models[m][seed] for m in members])
+    return done
+
+
 def evaluate_ensemble(cfg, where, name, runs, paths):
     """The ensemble of these runs' models (one job of each) as its own row of the report: the mean of
     their probabilities, evaluated on the test set."""
-    from kdrun.commands.common import load_data, load_model, n_params, resolve_device
+    from kdrun.data.loading import load_data
+    from kdrun.devices import resolve_device
+    from kdrun.model_files import load_model
+    from kdrun.training import n_params
     from kdrun.ensemble import Ensemble
     from kdrun.io import read_json
     from kdrun.loop import evaluate

@@ -19,15 +19,19 @@ from omegaconf import OmegaConf
 from kdrun import store
 from kdrun.commands import teacher
 from kdrun.commands.distill import check_val_size
-from kdrun.commands.common import Data, check_buildable, check_inputs, fold_recipe_overrides, load_data, load_model, resolve_device, save_config, train_model
 from kdrun.data.batches import DeviceData
+from kdrun.data.loading import Data
 from kdrun.data.transfer import select_rows
 from kdrun.errors import KdrunError
 from kdrun.io import atomic_write, content_key, write_json
 from kdrun.loop import predict
+from kdrun.model_files import load_model
 from kdrun.objectives import CrossEntropy
+from kdrun.parts import DataPart, OutputsPart, RolePart, TeacherSource, fold_recipe_overrides
+from kdrun.preflight import check_buildable, check_inputs
 from kdrun.report import markdown_table
-from kdrun.run_config import run_config
+from kdrun.run import save_config
+from kdrun.training import train_model
 from kdrun.specialists.clusters import cluster_classes
 from kdrun.specialists.combine import active_specialists, combine
 from kdrun.specialists.dustbin import Specialty
@@ -40,7 +44,7 @@ def preflight(cfg, overrides=()):
     transfer = check_inputs(cfg)
     if teacher.is_ensemble(cfg):
         raise KdrunError("kdrun specialists trains its own generalist: teacher= must name one model, not an ensemble")
-    found = check_buildable(fold_recipe_overrides(cfg, ["teacher"]), ["teacher"])
+    found = check_buildable(cfg.dataset, [RolePart.of(fold_recipe_overrides(cfg, ["teacher"]), "teacher")])
     found["teacher"].require("kdrun specialists", bias=True)
     check_val_size(cfg, transfer["n"])
 
@@ -49,34 +53,41 @@ def run(cfg, run_dir):
     cfg = fold_recipe_overrides(cfg, ["teacher"])
     save_config(cfg, run_dir)
     run_dir = Path(run_dir)
-    data = load_data(cfg, resolve_device(cfg.device))
-    rows = select_rows(data.train.labels.cpu(), cfg.transfer, cfg.dataset.subset_seed)
-    generalist, generalist_key, generalist_sha = _generalist(cfg, run_dir / "generalist", data, rows.train)
-    held_out = torch.softmax(predict(generalist, data.train.subset(rows.val)), dim=1)
-    clusters = cluster_classes(held_out.cpu(), cfg.specialists.k, cfg.specialists.min_size, cfg.seed)
+    source, role, outputs = DataPart.of(cfg), RolePart.of(cfg, "teacher"), OutputsPart.of(cfg, run_dir)
+    settings, held_out = cfg.specialists, source.transfer.val_size
+    data = source.load()
+    scfg = _specialist_cfg(cfg)  # after load_data has named the classes, which its results record
+    specialist_role, specialist_outputs = RolePart.of(scfg, "teacher"), OutputsPart.of(scfg, run_dir)
+    rows = select_rows(data.train.labels.cpu(), source.transfer, source.dataset.subset_seed)
+    stored = TeacherSource.of(cfg, data.transfer, seed=outputs.seed)
+    generalist, generalist_key, generalist_sha = _generalist(stored, role, outputs.at(run_dir / "generalist"), data,
+                                                             rows.train, held_out)
+    held_out_p = torch.softmax(predict(generalist, data.train.subset(rows.val)), dim=1)
+    clusters = cluster_classes(held_out_p.cpu(), settings.k, settings.min_size, outputs.seed)
     clusters = [c for c in clusters if len(c) < data.num_classes]  # all classes in one: no dustbin, no specialist
     if not clusters:
-        raise KdrunError(f"no cluster has specialists.min_size={cfg.specialists.min_size} classes or more; "
+        raise KdrunError(f"no cluster has specialists.min_size={settings.min_size} classes or more; "
                          "try a smaller specialists.k")
     specialties = [Specialty(tuple(c), data.num_classes) for c in clusters]
-    names = list(cfg.dataset.classes)
+    names = list(source.dataset.classes)
     for i, s in enumerate(specialties):
         log.info("specialist %d: %s", i, ", ".join(names[c] for c in s.classes))
-    only = cfg.specialists.only
+    only = settings.only
     if only is not None and only >= len(specialties):
         raise KdrunError(f"specialists.only={only}, but the clustering gave {len(specialties)} specialists "
                          f"(0..{len(specialties) - 1})")
     chosen = range(len(specialties)) if only is None else [only]
-    trained = {i: _specialist(cfg, run_dir / f"specialist_{i}", data, rows.train, generalist, generalist_sha, specialties[i])
+    trained = {i: _specialist(specialist_role, specialist_outputs.at(run_dir / f"specialist_{i}"), stored.workdir,
+                              data, rows.train, generalist, generalist_sha, specialties[i])
                for i in chosen}
-    base = {"command": "specialists", "status": "completed", "dataset": cfg.dataset.name, "generalist": cfg.teacher.name,
+    base = {"command": "specialists", "status": "completed", "dataset": outputs.dataset, "generalist": role.name,
             "generalist_key": generalist_key, "clusters": [[names[c] for c in s.classes] for s in specialties],
             "cluster_classes": clusters, "specialists": [trained[i][1] for i in chosen], "run_dir": str(run_dir),
-            "config": run_config(cfg)}
+            "config": outputs.config()}
     if only is not None:
         write_json(run_dir / "results.json", {**base, "only": only})
         return base
-    results = {**base, **score(generalist, [trained[i][0] for i in chosen], specialties, data.test, cfg.specialists)}
+    results = {**base, **score(generalist, [trained[i][0] for i in chosen], specialties, data.test, settings)}
     write_json(run_dir / "results.json", results)
     text = render(results, cfg)
     atomic_write(run_dir / "report.md", lambda f: f.write(text), mode="w")
@@ -84,22 +95,22 @@ def run(cfg, run_dir):
     return results
 
 
-def _generalist(cfg, run_dir, data, train_rows):
-    """(model, key, sha256) of the teacher trained on the train split minus the held-out rows: from the
-    store, or trained now (once, when parallel jobs ask for it together)."""
-    identity = {**store.teacher_identity(cfg, cfg.seed), "held_out": cfg.transfer.val_size}
+def _generalist(stored, role, outputs, data, train_rows, held_out):
+    """(model, key, sha256) of the teacher (`stored`: its TeacherSource) trained on the train split
+    minus the `held_out` rows: from the store, or trained now (once, when parallel jobs ask for it
+    together)."""
+    identity = {**stored.identity(), "held_out": held_out}
     key = content_key(identity)
 
     def train(checkpointer):
-        extra = {"teacher": cfg.teacher.name, "held_out": cfg.transfer.val_size, "teacher_key": key}
-        return train_model(cfg, run_dir, "teacher", CrossEntropy(), data, data.train.subset(train_rows),
+        extra = {"teacher": role.name, "held_out": held_out, "teacher_key": key}
+        return train_model(role, outputs, CrossEntropy(), data, data.train.subset(train_rows),
                            data.train.device, extra, saved_as={"role": "generalist"}, checkpointer=checkpointer)[0]
 
-    path, trained = store.train_or_reuse(cfg.workdir, key, identity, train)
+    path, trained = store.train_or_reuse(stored.workdir, key, identity, train)
     if trained is None:
-        log.info("generalist %s (key %s) is already trained: %s", cfg.teacher.name, key, path)
-    arch = OmegaConf.to_container(cfg.teacher.model, resolve=True)
-    model, sha256 = load_model(path, data, cfg.dataset.name, cfg.teacher.name, arch)
+        log.info("generalist %s (key %s) is already trained: %s", role.name, key, path)
+    model, sha256 = load_model(path, data, outputs.dataset, role.name, role.arch)
     return model, key, sha256
 
 
@@ -112,32 +123,32 @@ def _specialist_cfg(cfg):
     return out
 
 
-def _specialist(cfg, run_dir, data, train_rows, generalist, generalist_sha, specialty):
-    """(model, summary) of the specialist for `specialty`, trained now unless the store has it (it is
-    keyed by the generalist's weights, so a retrained generalist gets new specialists)."""
-    scfg = _specialist_cfg(cfg)
+def _specialist(role, outputs, workdir, data, train_rows, generalist, generalist_sha, specialty):
+    """(model, summary) of the specialist for `specialty` (`role`: the generalist's with the specialists'
+    recipe), trained now unless the store has it (it is keyed by the generalist's weights, so a
+    retrained generalist gets new specialists)."""
     identity = {"specialist_of": generalist_sha, "classes": list(specialty.classes),
-                "recipe": OmegaConf.to_container(scfg.teacher.recipe, resolve=True), "seed": cfg.seed}
+                "recipe": OmegaConf.to_container(role.recipe, resolve=True), "seed": outputs.seed}
     key = content_key(identity)
     labels = data.train.labels[train_rows]
-    picked, shift = specialty.training_rows(labels.cpu(), torch.Generator().manual_seed(cfg.seed))
+    picked, shift = specialty.training_rows(labels.cpu(), torch.Generator().manual_seed(outputs.seed))
     rows = train_rows[picked.to(train_rows.device)]
-    arch = OmegaConf.to_container(cfg.teacher.model, resolve=True)
+    arch = role.arch
     local = Data(_relabelled(data.train, rows, specialty), _relabelled(data.test, None, specialty), data.shape,
                  specialty.n_outputs, data.transfer)
 
     def train(checkpointer):
-        extra = {"teacher": cfg.teacher.name, "classes": list(specialty.classes), "dustbin_shift": shift,
+        extra = {"teacher": role.name, "classes": list(specialty.classes), "dustbin_shift": shift,
                  "teacher_key": key, "generalist_sha256": generalist_sha}
-        return train_model(scfg, run_dir, "teacher", CrossEntropy(), local, local.train, data.train.device, extra,
+        return train_model(role, outputs, CrossEntropy(), local, local.train, data.train.device, extra,
                            init=lambda model: init_from_generalist(model, generalist, specialty.classes,
                                                                   arch.get("head")),
                            saved_as={"role": "specialist", "classes": list(specialty.classes)},
                            checkpointer=checkpointer)[0]
 
-    path, _ = store.train_or_reuse(cfg.workdir, key, identity, train)
-    model = load_model(path, local, cfg.dataset.name, cfg.teacher.name, arch)[0]
-    own = store.stored_results(cfg.workdir, key)
+    path, _ = store.train_or_reuse(workdir, key, identity, train)
+    model = load_model(path, local, outputs.dataset, role.name, arch)[0]
+    own = store.stored_results(workdir, key)
     # errors on its own task (its classes and the dustbin, test set), before the dustbin shift
     summary = {"classes": list(specialty.classes), "key": key, "n_train": len(rows), "dustbin_shift": shift,
                "own_task_test_errors": own.get("test_errors")}

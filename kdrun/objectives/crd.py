@@ -18,6 +18,7 @@ embeddings: S[i] <- normalise(m S[i] + (1 - m) s_i), the same for M with t_i (mo
 The banks start uniform in [-a, a], a = 1 / sqrt(feat_dim / 3).
 
 The banks, Z and the negatives' generator are the objective's state: checkpointed and resumed exactly.
+Under torchrun every process keeps the same state, that of one process with the whole batch.
 """
 
 import logging
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdrun import distributed
 from kdrun.data.memory import MEMORY_SHARE, available_host_bytes
 from kdrun.errors import KdrunError
 from kdrun.objectives.base import Needs, Objective
@@ -175,15 +177,20 @@ class CRD(Objective):
     def contrast(self, s, t, rows):
         """(P_s, P_t): the normalised scores of the student and teacher anchors [B, K + 1], the banks
         updated afterwards, Z estimated on the first call."""
-        candidates = torch.cat([rows[:, None], draw_negatives(rows, self.n_rows, self.k, self.generator)], 1)
+        # under torchrun each process holds a shard of the batch: every process draws the whole batch's
+        # negatives and updates Z and its banks with the whole batch, so they stay one process's
+        every_row = distributed.gather(rows)
+        start, stop = distributed.bounds(len(every_row), distributed.rank(), distributed.world_size())
+        negatives = draw_negatives(every_row, self.n_rows, self.k, self.generator)[start:stop]
+        candidates = torch.cat([rows[:, None], negatives], 1)
         out_s = contrast_scores(self.bank_t, s, candidates, self.nce_t)  # student anchor, teacher's bank
         out_t = contrast_scores(self.bank_s, t, candidates, self.nce_t)  # teacher anchor, student's bank
         with torch.no_grad():
             for i, out in enumerate((out_s, out_t)):
                 if self.z[i] < 0:
-                    self.z[i] = out.mean() * self.n_rows
-            update_bank(self.bank_s, rows, s, self.nce_m)
-            update_bank(self.bank_t, rows, t, self.nce_m)
+                    self.z[i] = distributed.gather(out).mean() * self.n_rows
+            update_bank(self.bank_s, every_row, distributed.gather(s), self.nce_m)
+            update_bank(self.bank_t, every_row, distributed.gather(t), self.nce_m)
         return out_s / self.z[0], out_t / self.z[1]
 
     def forward(self, model, batch, progress):
