@@ -23,9 +23,12 @@ log = logging.getLogger("kdrun")
 def dataset_identity(ds, data):
     """The dataset a teacher learns from: its train split by content (`data`: the transfer identity,
     kdrun.data.loading.transfer_identity; its files' hashes, or its decoded pixels' hash), its name and
-    subset, and what of its reader's options changes the data (CIFAR-100's coarse labels, an image
-    folder's size and channels). A changed data file is another dataset, so another key."""
-    identity = {"name": ds.name, "limit": ds.limit, "subset_seed": ds.subset_seed, "files": data["files"]}
+    subset, the normalisation of its inputs, and what of its reader's options changes the data (CIFAR-100's
+    coarse labels, an image folder's size and channels). A changed data file is another dataset, so
+    another key."""
+    identity = {"name": ds.name, "limit": ds.limit, "subset_seed": ds.subset_seed, "files": data["files"],
+                **{k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+                   for k, v in (("mean", ds.get("mean")), ("std", ds.get("std")))}}
     if ds.get("reader") is not None:
         identity["reader"] = reader_identity(ds)
     return identity

@@ -298,7 +298,10 @@ CASES = [
     ("specialists-ensemble", ["specialists", *QUICK, "teacher=ensemble"],
      "kdrun: error: kdrun specialists trains its own generalist: teacher= must name one model, not an ensemble"),
     ("unknown-experiment", ["pipeline", "experiment=hinton"],
-     "kdrun: error: unknown experiment 'hinton' (did you mean hinton_mnist?); choose from: born_again, demo, ensemble_fashion, "
+     "kdrun: error: unknown experiment 'hinton' (did you mean hinton_mnist?); choose from: born_again, "
+     "cifar100_resnet110_resnet32, cifar100_resnet32x4_resnet8x4, cifar100_resnet32x4_shufflenetv2, "
+     "cifar100_resnet56_resnet20, cifar100_table, cifar100_vgg13_vgg8, cifar100_wrn_40_2_wrn_16_2, "
+     "cifar100_wrn_40_2_wrn_40_1, cifar10_short, demo, ensemble_fashion, "
      "hinton_fashion, hinton_mnist, methods_fashion, omit_class, only_classes, regulariser, self_teaching_fashion, "
      "specialists_fashion, "
      "student_size"),

@@ -124,7 +124,7 @@ def test_the_table_runs_two_pairs_and_reports_them_beside_the_published(table):
             results = json.loads((run / pair / name / "results.json").read_text())
             assert (results["status"], results["label"], results["n_train"], results["n_test"]) == ("completed", name, 20, 10)
     kd = json.loads((run / "cifar100_resnet110_resnet32" / "kd" / "results.json").read_text())
-    assert (kd["teacher"], kd["student"], kd["augment"] is not None) == ("resnet110", "resnet32", True)
+    assert (kd["teacher"], kd["student"], kd["augment"]) == ("resnet110", "resnet32", "online teacher, 4px jitter, flip")
     assert sorted(p.name for p in (run / "teacher").iterdir()) == ["resnet110", "resnet56"]
     assert not (run / "soft_targets").exists()
     report = (run / "report.md").read_text()
@@ -237,3 +237,23 @@ def test_the_pairs_section_has_a_line_per_measured_pair_in_run_order_with_the_pu
     assert table[2:] == [["resnet56 -> resnet20", "0.86M / 0.28M", "70.00", "60.00", "65.50 ± 1.00", "66.00", "72.34",
                           "70.66", "72.33 (MLKD+LS)", "-"]]  # vgg13 -> vgg8: nothing measured; resnet110: no paper pair
     assert "on 200 test images" in text
+
+
+@pytest.mark.slow
+def test_the_short_cifar10_table_runs_its_four_students_with_the_teacher_online(tmp_path):
+    """experiment=cifar10_short end to end on a tiny CIFAR-10 the test writes: the teacher once, the
+    student alone and three distilled students on the cropped and flipped batches, one report."""
+    from conftest import write_cifar_like
+
+    write_cifar_like(tmp_path / "data" / "cifar-10-batches-py", n_per_batch=10)
+    proc = kdrun_pipeline(["experiment=cifar10_short", "epochs=1", "batch_size=20", "dataset.limit=20",
+                           "dataset.test_limit=10", "device=cpu", "progress=false"], tmp_path / "data", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = runs_of(tmp_path)[-1]
+    results = {name: json.loads((run / name / "results.json").read_text()) for name in ("student_alone", "kd", "dkd", "dist")}
+    assert {name: r["loss"] for name, r in results.items() if name != "student_alone"} == {
+        "kd": "HintonKD", "dkd": "DKD", "dist": "DIST"}
+    assert {r["augment"] for name, r in results.items() if name != "student_alone"} == {"online teacher, 4px jitter, flip"}
+    assert {(r["student"], r["n_train"], r["n_test"]) for r in results.values()} == {("resnet8", 20, 10)}
+    assert {r["teacher"] for name, r in results.items() if name != "student_alone"} == {"resnet20"}
+    assert "gap recovered" in (run / "report.md").read_text()

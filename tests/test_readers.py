@@ -71,6 +71,18 @@ def test_cifar100_reads_fine_labels_coarse_on_request_and_class_names(tmp_path):
         assert reader.classes == [n.decode() for n in names]
 
 
+def test_a_second_load_in_one_process_names_the_classes_as_the_first_did(tmp_path):
+    """A pipeline loads the data once per run in one process; the split read once is served again, and
+    the dataset's class names with it (not the class numbers)."""
+    write_cifar100_like(tmp_path / "cifar-100-python")
+    for _ in range(2):
+        ds = dataset(name="cifar100", reader={"_target_": "kdrun.data.readers.CIFAR100", "coarse": True, "download": False},
+                     shape=[3, 32, 32], num_classes=20, classes=None, in_memory=True, max_memory_gb=None)
+        cfg = OmegaConf.create({"dataset": ds, "data_dir": str(tmp_path)})
+        load_data(cfg, torch.device("cpu"))
+        assert list(cfg.dataset.classes) == [n.decode() for n in COARSE]
+
+
 def test_svhn_reads_the_mat_files_channel_first_with_10_as_digit_0(tmp_path):
     written = write_svhn_like(tmp_path)
     reader = build_reader(dataset(reader={"_target_": "kdrun.data.readers.SVHN"}))

@@ -25,6 +25,12 @@ def test_stage_names_and_head_path_leave_the_key_alone_but_the_architecture_does
     assert wider != plain
 
 
+def test_the_inputs_normalisation_is_part_of_the_key():
+    """A teacher sees its inputs normalised by dataset.mean/std: other statistics, another teacher."""
+    plain, mean, std, auto = keys([], ["dataset.mean=0.5"], ["dataset.std=0.5"], ["dataset.mean=auto", "dataset.std=auto"])
+    assert len({plain, mean, std, auto}) == 4
+
+
 def train_config(data_dir, dataset="mnist"):
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         return compose("train", overrides=["teacher=mlp30", f"dataset={dataset}", f"data_dir={data_dir}"])

@@ -54,7 +54,8 @@ def teacher_signal(objective, teacher, data, channels_last=False):
 def student_results(student, objective, transfer, label, rows, teacher_info):
     """What a distilled student's results.json records beyond its training (see training.save_trained):
     `student` its RolePart, `objective` the ObjectivePart, `transfer` transfer.*."""
-    augment = f"online teacher, {student.recipe.jitter}px jitter" if transfer.augment else None
+    views = [f"{student.recipe.jitter}px jitter", "flip" if student.recipe.get("flip", False) else None]
+    augment = ", ".join(filter(None, ["online teacher", *views])) if transfer.augment else None
     return {"label": label, "student": student.name, "T": objective.T, "alpha": objective.alpha,
             "temperature_schedule": target_name(objective.temperature),
             "alpha_schedule": target_name(objective.alpha_schedule), "loss": target_name(objective.loss),

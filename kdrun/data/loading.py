@@ -25,7 +25,7 @@ class Data:
     transfer: dict  # identity of the transfer set (the train split as the teacher sees it)
 
 
-_READ = {}  # (reader identity, root, split, fingerprint) -> Split: commands that load twice read once
+_READ = {}  # (reader identity, root, split, fingerprint) -> (Split, class names): commands that load twice read once
 
 
 def _read(reader, ds, root, split):
@@ -34,8 +34,9 @@ def _read(reader, ds, root, split):
     if key not in _READ:
         if len(_READ) >= 4:
             _READ.pop(next(iter(_READ)))
-        _READ[key] = reader.read(root, split)
-    return _READ[key]
+        _READ[key] = reader.read(root, split), reader.classes
+    s, reader.classes = _READ[key]  # a reader learns its class names as it reads: this one did not read
+    return s
 
 
 _CHECKED = {}  # the reader check_data just used, for the load_data that follows it in the same command
