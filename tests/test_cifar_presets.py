@@ -257,3 +257,18 @@ def test_the_short_cifar10_table_runs_its_four_students_with_the_teacher_online(
     assert {(r["student"], r["n_train"], r["n_test"]) for r in results.values()} == {("resnet8", 20, 10)}
     assert {r["teacher"] for name, r in results.items() if name != "student_alone"} == {"resnet20"}
     assert "gap recovered" in (run / "report.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", [p for p in PAIRS if p not in ("cifar100_resnet56_resnet20", "cifar100_resnet110_resnet32")])
+def test_every_other_pair_preset_trains_its_teacher_and_a_student_for_one_epoch(preset, cifar100, tmp_path):
+    """The table's test runs two pairs and the pair test resnet56 -> resnet20: each other pair once here,
+    its teacher trained by the preset, its student alone and by KD."""
+    proc = kdrun_pipeline([f"experiment={preset}", "pipeline.only=[student_alone,kd]", *TINY], cifar100, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = runs_of(tmp_path)[-1]
+    results = {name: json.loads((run / name / "results.json").read_text()) for name in ("teacher", "student_alone", "kd")}
+    assert {name: r["status"] for name, r in results.items()} == {"teacher": "completed", "student_alone": "completed",
+                                                                  "kd": "completed"}
+    pair = f"{results['kd']['teacher']}_{results['kd']['student']}"
+    assert f"cifar100_{pair}" == preset  # each preset is named after its pair

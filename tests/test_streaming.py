@@ -168,6 +168,25 @@ def test_cli_streamed_run_equals_the_in_memory_run(kdrun, workdir, tmp_path):
     assert [json.loads((r / "results.json").read_text())["n_train"] for r in runs] == [12, 12]
 
 
+def test_a_specialists_relabelled_rows_stream_as_they_batch_in_memory():
+    """kdrun specialists trains each specialist on some rows relabelled to its classes and a dustbin:
+    streamed or in memory, the same batches."""
+    from kdrun.commands.specialists import relabelled
+    from kdrun.specialists.dustbin import Specialty
+
+    specialty = Specialty((4, 1), num_classes=10)
+    rows = torch.tensor([1, 4, 11, 14, 21, 3, 7, 40, 41, 44])
+    for part_rows in (rows, None):
+        memory, streamed = (relabelled(split, part_rows, specialty) for split in both())
+        assert isinstance(streamed, StreamData)
+        pairs = assert_same_batches(memory, streamed, shuffle=True, jitter=1, flip=True)
+        labels = torch.cat([b.y for _, b in pairs])
+        assert labels.max() == 2 and set(labels.tolist()) <= {0, 1, 2}  # 4 -> 0, 1 -> 1, the rest the dustbin
+        if part_rows is not None:
+            ordered = assert_same_batches(memory, streamed)
+            assert torch.equal(ordered[0][1].y, specialty.to_local(images_and_labels()[1][rows]))
+
+
 def test_a_command_that_needs_the_pixels_in_memory_says_so():
     _, streamed = both()
     with pytest.raises(KdrunError) as e:

@@ -19,7 +19,6 @@ from omegaconf import OmegaConf
 from kdrun import store
 from kdrun.commands import teacher
 from kdrun.commands.distill import check_val_size
-from kdrun.data.batches import DeviceData
 from kdrun.data.loading import Data
 from kdrun.data.transfer import select_rows
 from kdrun.errors import KdrunError
@@ -134,7 +133,7 @@ def _specialist(role, outputs, workdir, data, train_rows, generalist, generalist
     picked, shift = specialty.training_rows(labels.cpu(), torch.Generator().manual_seed(outputs.seed))
     rows = train_rows[picked.to(train_rows.device)]
     arch = role.arch
-    local = Data(_relabelled(data.train, rows, specialty), _relabelled(data.test, None, specialty), data.shape,
+    local = Data(relabelled(data.train, rows, specialty), relabelled(data.test, None, specialty), data.shape,
                  specialty.n_outputs, data.transfer)
 
     def train(checkpointer):
@@ -155,10 +154,12 @@ def _specialist(role, outputs, workdir, data, train_rows, generalist, generalist
     return _Shifted(model, specialty.dustbin, shift), summary
 
 
-def _relabelled(split, rows, specialty):
-    """Rows of a split (all when None) with labels mapped to the specialist's outputs (others: dustbin)."""
-    images, labels = (split.images, split.labels) if rows is None else (split.images[rows], split.labels[rows])
-    return DeviceData(images, specialty.to_local(labels), split.mean, split.std, split.device)
+def relabelled(split, rows, specialty):
+    """Rows of a split (all when None) with labels mapped to the specialist's outputs (others: dustbin),
+    held as the split is (in memory or streamed); its batches index these rows."""
+    part = split.subset(torch.arange(len(split)) if rows is None else rows)
+    part.labels, part.rows = specialty.to_local(part.labels), None
+    return part
 
 
 class _Shifted(torch.nn.Module):
