@@ -93,12 +93,17 @@ class ObjectivePart:
     temperature: object = None
     alpha_schedule: object = None
     augment: bool = False
+    shifted_views: bool = False  # the student's batches are jittered or flipped
+    cache_features: bool = False  # transfer.cache_features
 
     @classmethod
     def of(cls, cfg):
         transfer = cfg.get("transfer")
+        recipe = cfg.student.get("recipe") if cfg.get("student") is not None else None
+        shifted = bool(recipe.get("jitter") or recipe.get("flip")) if recipe is not None else False
         return cls(cfg.loss, cfg.get("T"), cfg.get("alpha"), cfg.get("temperature"), cfg.get("alpha_schedule"),
-                   bool(transfer.augment) if transfer is not None else False)
+                   bool(transfer.augment) if transfer is not None else False, shifted,
+                   bool(transfer.get("cache_features", False)) if transfer is not None else False)
 
     @property
     def needs(self):
@@ -115,6 +120,13 @@ class ObjectivePart:
         transfer.augment=true pairs the student's jittered view with the teacher's outputs on it."""
         need = self.needs
         return need.teacher and (need.online_teacher or self.augment)
+
+    @property
+    def features_cached(self):
+        """Whether the teacher's features are computed once over the train split instead of per step
+        (transfer.cache_features=true, and the teacher would see the unshifted rows anyway)."""
+        return (self.cache_features and self.needs.online_teacher and not self.augment
+                and not self.shifted_views)
 
     def build(self, **kwargs):
         return instantiate(self.loss, **kwargs)

@@ -218,7 +218,7 @@ def _transfer(t, ds):
     v = _number("transfer.fraction", t.fraction)
     if v <= 0 or v > 1:
         raise KdrunError(f"transfer.fraction must be in (0, 1], got {t.fraction!r}")
-    for key in ("labels", "augment", "bias_correction"):
+    for key in ("labels", "augment", "cache_features", "bias_correction"):
         boolean(f"transfer.{key}", t[key])
     integer("transfer.val_size", t.val_size, 0)  # its bound, the train split's size, is checked in preflight
     if t.bias_correction and not t.val_size:

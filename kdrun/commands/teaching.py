@@ -2,15 +2,22 @@
 teacher is used at all, the signal the objective asks the teacher's logits from, and what a
 distilled student's results.json records."""
 
+import logging
+
 import torch
 
 from kdrun.commands import teacher as teachers
 from kdrun.data.transfer import describe
 from kdrun.models.build import feature_paths, head_path
 from kdrun.models.features import PENULTIMATE, FeatureTap, resolve_stages
+from kdrun.data.batches import Batch
+from kdrun.data.memory import budget_bytes
 from kdrun.objectives import CachedLogits, OnlineTeacher
+from kdrun.objectives.teachers import CachedFeatures
 from kdrun.parts import ObjectivePart
 from kdrun.run import target_name
+
+log = logging.getLogger("kdrun")
 
 
 def needs(cfg):
@@ -46,9 +53,31 @@ def teacher_signal(objective, teacher, data, channels_last=False):
         model, info, _ = teachers.load(teacher, data)
         if channels_last:  # the layout of the student's batches, which it runs on
             model.to(memory_format=torch.channels_last)
-        return OnlineTeacher(model, combine, teacher_tap(teacher.spec.model, model, objective.needs)), info
+        online_teacher = OnlineTeacher(model, combine, teacher_tap(teacher.spec.model, model, objective.needs))
+        if objective.features_cached and _cache_fits(online_teacher, data, teacher.dataset):
+            log.info("teacher features: computed once over the %d train rows (transfer.cache_features=true)",
+                     len(data.train))
+            return CachedFeatures.of(online_teacher, data.train), {**info, "teacher_features": "cached"}
+        return online_teacher, {**info, "teacher_features": "online" if objective.needs.online_teacher else None}
     logits, info = teachers.cached_logits(teacher, data)
     return CachedLogits(logits.to(data.train.device), combine), info
+
+
+def _cache_fits(online_teacher, data, dataset):
+    """Whether the teacher's features over the train split fit `dataset`'s memory budget (and, on a
+    GPU, a fifth of its free memory); if not, the teacher runs online and the log says why."""
+    example = data.train.normalize(torch.zeros((2, *data.shape), device=data.train.device))
+    idx = torch.zeros(2, dtype=torch.long, device=example.device)
+    _, feats = online_teacher.outputs(Batch(example, None, idx), fresh=True)
+    nbytes = CachedFeatures.nbytes({k: tuple(v.shape) for k, v in feats.items()}, len(data.train))
+    budget = budget_bytes(dataset)
+    if example.device.type == "cuda":
+        budget = min(budget, 0.2 * torch.cuda.mem_get_info(example.device)[0])
+    if nbytes <= budget:
+        return True
+    log.info("teacher features: %.3g GiB over the train split, over the memory budget of %.3g GiB: the "
+             "teacher runs online", nbytes / 2**30, budget / 2**30)
+    return False
 
 
 def student_results(student, objective, transfer, label, rows, teacher_info):

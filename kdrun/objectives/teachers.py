@@ -1,6 +1,8 @@
 """Where a distillation objective gets the teacher's logits for a batch, at the objective's T (an
 ensemble's combined logits depend on T; one teacher's do not; T=None is the high-T limit)."""
 
+import math
+
 import torch
 
 from kdrun.ensemble import combine_logits
@@ -47,6 +49,45 @@ class OnlineTeacher:
             out = (logits, dict(feats))
             self.last = (None, None) if fresh else (batch, out)
         return out
+
+
+class CachedFeatures:
+    """The teacher's logits and named features over a whole split, computed once (eval mode, the
+    unshifted inputs) and looked up per batch by row, as CachedLogits does for logits: what an
+    OnlineTeacher gives a feature objective, without a teacher forward per step. Only for batches the
+    teacher would see unchanged (no jitter, no flip)."""
+
+    combine = None
+
+    def __init__(self, logits, features):
+        self.logits, self.features = logits, features
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, online, split, batch_size=1000):
+        """Run `online` (an OnlineTeacher with a FeatureTap) over `split` (a whole split, which batch.idx
+        indexes) in order, one pass."""
+        if getattr(split, "rows", None) is not None:
+            raise ValueError("CachedFeatures.of needs a whole split (batch.idx indexes it), not a subset")
+        logits, features = [], {}
+        for batch in split.batches(batch_size):
+            z, feats = online.outputs(batch, fresh=True)
+            logits.append(z)
+            for name, value in feats.items():
+                features.setdefault(name, []).append(value.contiguous())
+        return cls(torch.cat(logits), {name: torch.cat(parts) for name, parts in features.items()})
+
+    @staticmethod
+    def nbytes(shapes, n_rows):
+        """Bytes of the cache of `n_rows` rows, given the teacher's {name: output shape} (float32)."""
+        return 4 * n_rows * sum(math.prod(shape[1:]) for shape in shapes.values())
+
+    def __call__(self, batch, T=None):
+        return self.logits.index_select(0, batch.idx)
+
+    def outputs(self, batch, fresh=False):
+        """(logits, {stage: output}) of the teacher on `batch`'s rows."""
+        return self(batch), {name: value.index_select(0, batch.idx) for name, value in self.features.items()}
 
 
 class OncePerBatch:
