@@ -66,8 +66,9 @@ class FiniteLoss:
 
 
 def fit(model, objective, train, test, optimizer, scheduler, *, epochs, batch_size, jitter, generator, flip=False,
-        recorder, checkpointer=None, progress="auto", precision="fp32", compile=False, channels_last=False):
-    """Train for `epochs`; after each epoch evaluate on `test`, hand a metrics row to `recorder` and save
+        recorder, checkpointer=None, progress="auto", precision="fp32", compile=False, channels_last=False, val=None):
+    """Train for `epochs`; after each epoch evaluate on `test` (and on `val`, a validation split, when
+    given: val_errors, n_val), hand a metrics row to `recorder` and save
     a checkpoint. A signal (see kdrun.interrupt) ends the current step, checkpoints mid-epoch and raises
     Interrupted. With a checkpoint to resume, training continues exactly where it stopped.
     precision="bf16" runs the objective under autocast (bfloat16 matmuls, float32 weights and losses);
@@ -158,7 +159,11 @@ def fit(model, objective, train, test, optimizer, scheduler, *, epochs, batch_si
             row = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"]}
             row.update({k: float(v) / n_train for k, v in sums.items()})
             row["train_accuracy"] = float(correct) / n_train if train.labelled else None
+            row["n_train"] = n_train
             row.update(evaluate(model, test))
+            if val is not None:
+                on_val = evaluate(model, val)
+                row.update(val_errors=on_val["test_errors"], n_val=on_val["n_test"], val_accuracy=on_val["test_accuracy"])
             row["seconds"] = time.perf_counter() - started
             if not all(math.isfinite(v) for v in row.values() if isinstance(v, float)):
                 raise KdrunError(f"non-finite metrics at epoch {epoch + 1}: {row}")

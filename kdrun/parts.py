@@ -70,12 +70,15 @@ class RolePart:
     recipe: object
     compile: bool = False
     channels_last: bool = False
+    val_seed: int = 0  # draws the recipe's validation split (dataset.subset_seed)
 
     @classmethod
     def of(cls, cfg, role):
         spec = cfg[role]
+        dataset = cfg.get("dataset")
         return cls(role, spec.name, spec.model, spec.recipe, bool(cfg.get("compile", False)),
-                   bool(cfg.get("channels_last", False)))
+                   bool(cfg.get("channels_last", False)),
+                   int(dataset.get("subset_seed", 0)) if dataset is not None else 0)
 
     @property
     def arch(self):

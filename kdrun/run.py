@@ -12,7 +12,7 @@ from kdrun import __version__, tracking
 from kdrun.io import atomic_write, save_torch
 
 log = logging.getLogger("kdrun")
-NOT_TERMS = {"lr", "T", "alpha", "train_accuracy", "test_accuracy", "seconds"}  # metrics rows' other floats
+NOT_TERMS = {"lr", "T", "alpha", "train_accuracy", "test_accuracy", "val_accuracy", "seconds"}  # metrics rows' other floats
 
 
 def save_model(path, model, arch, dataset, num_classes, extra):
@@ -58,7 +58,8 @@ class Recorder:
             os.fsync(f.fileno())
         terms = " ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in NOT_TERMS and isinstance(v, float))
         train_acc = "-" if row["train_accuracy"] is None else f"{row['train_accuracy']:.4f}"
-        log.info("%s epoch %d: %s train_acc=%s test_errors=%d/%d lr=%.3g (%.1fs)", self.name, row["epoch"],
-                 terms, train_acc, row["test_errors"], row["n_test"], row["lr"], row["seconds"])
+        val = f" val_errors={row['val_errors']}/{row['n_val']}" if "val_errors" in row else ""
+        log.info("%s epoch %d: %s train_acc=%s%s test_errors=%d/%d lr=%.3g (%.1fs)", self.name, row["epoch"],
+                 terms, train_acc, val, row["test_errors"], row["n_test"], row["lr"], row["seconds"])
         if self.tracked is not None:
             self.tracked.epoch_end(row)

@@ -6,6 +6,7 @@ import torch
 from hydra.utils import instantiate
 
 from kdrun.checkpoint import Checkpointer
+from kdrun.data.transfer import held_out
 from kdrun.io import write_json
 from kdrun.loop import fit
 from kdrun.models.build import build_model, feature_paths, head_path
@@ -35,12 +36,15 @@ def attach_objective(arch, model, objective, shape, n_rows=None):
     return objective.param_groups() if hasattr(objective, "param_groups") else []
 
 
-def fit_role(role, outputs, model, objective, data, train_set, checkpointer=None):
+def fit_role(role, outputs, model, objective, data, train_set, checkpointer=None, val=None):
     """Train `model` (on its device) on `train_set` with `objective` and the role's recipe, recording
     each epoch in outputs.run_dir and checkpointing to `checkpointer` (default:
-    run_dir/checkpoints/last.pt, resumed when outputs.resume). Returns (the last epoch's metrics row,
-    seconds)."""
+    run_dir/checkpoints/last.pt, resumed when outputs.resume). Each epoch also logs the errors on `val`,
+    or, when the recipe has a val_size, on that many examples carved from `train_set` (never trained
+    on). Returns (the last epoch's metrics row, seconds)."""
     recipe = role.recipe
+    if val is None and recipe.get("val_size"):
+        train_set, val = held_out(train_set, int(recipe.val_size), role.val_seed, f"{role.role}.recipe.val_size")
     own = attach_objective(role.model, model, objective, data.shape, len(data.train))
     params = [{"params": list(model.parameters())}, *own] if own else model.parameters()
     optimizer = instantiate(recipe.optimizer)(params)  # configs are partials
@@ -54,11 +58,12 @@ def fit_role(role, outputs, model, objective, data, train_set, checkpointer=None
     return fit(model, objective, train_set, data.test, optimizer, scheduler, epochs=recipe.epochs,
                batch_size=recipe.batch_size, jitter=recipe.jitter, flip=recipe.get("flip", False), generator=generator,
                recorder=recorder, checkpointer=checkpointer, progress=outputs.progress,
-               precision=recipe.get("precision", "fp32"), compile=role.compile, channels_last=role.channels_last)
+               precision=recipe.get("precision", "fp32"), compile=role.compile, channels_last=role.channels_last,
+               val=val)
 
 
 def train_model(role, outputs, objective, data, train_set, device, extra_results, init=None, saved_as=None,
-                checkpointer=None):
+                checkpointer=None, val=None):
     """Build the role's model (teacher or student), start it from `init(model)` if given, train it on
     `train_set` with `objective`, save its artifacts (model.pt records `saved_as`, default the role).
     Returns (results, trained model)."""
@@ -67,7 +72,7 @@ def train_model(role, outputs, objective, data, train_set, device, extra_results
     if init is not None:
         init(model)
     model = model.to(device)
-    last, seconds = fit_role(role, outputs, model, objective, data, train_set, checkpointer)
+    last, seconds = fit_role(role, outputs, model, objective, data, train_set, checkpointer, val)
     return save_trained(role, outputs, model, last, seconds, train_set, extra_results, data.num_classes,
                         saved_as), model
 
@@ -82,10 +87,11 @@ def save_trained(role, outputs, model, last, seconds, train_set, extra_results, 
     results = {
         "command": outputs.command, "status": "completed", "dataset": outputs.dataset,
         "seed": outputs.seed, "epochs": recipe.epochs, "lr": recipe.optimizer.lr, "batch_size": recipe.batch_size,
-        "n_train": len(train_set), "n_params": n_params(model),
+        "n_train": last.get("n_train", len(train_set)), "n_params": n_params(model),
         "wall_s": round(seconds, 3), "run_dir": str(outputs.run_dir), "model": str(model_path),
         "train_accuracy": last.get("train_accuracy"),
         **{k: last[k] for k in ("test_accuracy", "test_errors", "n_test")},
+        **({"val_errors": last["val_errors"], "n_val": last["n_val"]} if "val_errors" in last else {}),
         **extra_results, "config": outputs.config(),
     }
     write_json(outputs.run_dir / "results.json", results)

@@ -80,6 +80,7 @@ def _recipe(role, r):
     integer(f"{role}.recipe.batch_size", r.batch_size, 1)
     integer(f"{role}.recipe.jitter", r.jitter, 0)
     boolean(f"{role}.recipe.flip", r.get("flip", False))
+    integer(f"{role}.recipe.val_size", r.get("val_size", 0), 0)
     _positive(f"{role}.recipe.optimizer.lr", r.optimizer.lr)
     _choice(f"{role}.recipe.precision", r.get("precision", "fp32"), PRECISIONS)
 

@@ -216,6 +216,13 @@ CASES = [
      "kdrun: error: transfer.labels=false needs alpha=1 (the hard term needs labels), got alpha=0.9"),
     ("transfer-val-too-big", ["distill", *T30, *QUICK, "transfer.val_size=1000"],
      "kdrun: error: transfer.val_size (1000) must be smaller than the train split (1000)"),
+    ("recipe-val-negative", ["train", *T30, *QUICK, "teacher.recipe.val_size=-1"],
+     "kdrun: error: teacher.recipe.val_size must be an integer >= 0, got -1"),
+    ("recipe-val-too-big", ["train", *T30, *QUICK, "teacher.recipe.val_size=1000"],
+     "kdrun: error: teacher.recipe.val_size (1000) must be smaller than the examples it is carved from (1000)"),
+    ("val-twice", ["distill", *T30, *QUICK, "transfer.val_size=100", "student.recipe.val_size=100"],
+     "kdrun: error: set transfer.val_size or student.recipe.val_size, not both: a distilled student's validation "
+     "split is transfer.val_size"),
     ("bias-without-val", ["distill", *T30, *QUICK, "transfer.exclude_classes=[3]", "transfer.bias_correction=true"],
      "kdrun: error: transfer.bias_correction=true needs transfer.val_size > 0: the shift is tuned on a validation "
      "split carved from the training data, never on the test set"),

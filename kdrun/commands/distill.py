@@ -47,6 +47,9 @@ def check_student(cfg, n_rows=None):
     found = check_buildable(cfg.dataset, [RolePart.of(cfg, "student")])
     if cfg.transfer.bias_correction:
         found["student"].require("transfer.bias_correction=true", bias=True)
+    if cfg.student.recipe.get("val_size") and cfg.transfer.val_size:
+        raise KdrunError("set transfer.val_size or student.recipe.val_size, not both: a distilled student's "
+                         "validation split is transfer.val_size")
     need = needs(cfg)
     with_teacher, cached = need.teacher, need.teacher and not online(cfg)
     try:
@@ -108,7 +111,9 @@ def run(cfg, run_dir, label=None):
     taught_by = teacher.source(cfg, data.transfer) if objective.uses_teacher else None
     signal, info = teacher_signal(objective, taught_by, data, student.channels_last)
     extra = student_results(student, objective, source.transfer, label, rows, info)
-    results, model = train_model(student, outputs, objective.build(teacher=signal), data, transfer_set, device, extra)
+    val = data.train.subset(rows.val) if rows.val.numel() else None  # logged each epoch, never trained on
+    results, model = train_model(student, outputs, objective.build(teacher=signal), data, transfer_set, device, extra,
+                                 val=val)
     if source.transfer.bias_correction:
         results["bias_correction"] = correct_bias(source, student, outputs, model, data, rows)
         write_json(outputs.run_dir / "results.json", results)

@@ -60,3 +60,16 @@ def describe(transfer):
     if transfer.fraction < 1:
         parts.append(f"{transfer.fraction * 100:.6g}%")
     return "; ".join(parts) or None
+
+
+def held_out(split, size, seed, what="recipe.val_size"):
+    """(the rest, a validation split): `size` examples of `split` carved out stratified by class and
+    drawn with `seed`, as select_rows carves transfer.val_size from the whole train split (same size,
+    same seed: the same rows)."""
+    n = len(split)
+    if size >= n:
+        raise KdrunError(f"{what} ({size}) must be smaller than the examples it is carved from ({n})")
+    val = stratified_subset(split.labels.cpu(), size, seed)
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[val] = False
+    return split.subset(keep.nonzero().squeeze(1), labelled=split.labelled), split.subset(val)
