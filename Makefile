@@ -25,12 +25,13 @@ $(FASHION):
 		echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'"; exit 1; \
 	fi
 
+# one worker per core (at most 4), each on one thread (tests/conftest.py)
 test: $(INSTALLED) data
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4
 
 # The fast tier: everything but the end-to-end and subprocess runs marked slow (docs/testing.md).
 test-fast: $(INSTALLED) data
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 -m "not slow"
 
 demo: $(INSTALLED) data
 	$(BIN)/kdrun pipeline experiment=demo

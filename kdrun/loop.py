@@ -164,6 +164,8 @@ def fit(model, objective, train, test, optimizer, scheduler, *, epochs, batch_si
             if val is not None:
                 on_val = evaluate(model, val)
                 row.update(val_errors=on_val["test_errors"], n_val=on_val["n_test"], val_accuracy=on_val["test_accuracy"])
+                if "member_test_errors" in on_val:
+                    row["member_val_errors"] = on_val["member_test_errors"]
             row["seconds"] = time.perf_counter() - started
             if not all(math.isfinite(v) for v in row.values() if isinstance(v, float)):
                 raise KdrunError(f"non-finite metrics at epoch {epoch + 1}: {row}")

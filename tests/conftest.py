@@ -13,6 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core (pytest -n): one thread each,
+    os.environ["OMP_NUM_THREADS"] = "1"     # here and in the CLI processes the tests start, since threads
+    torch.set_num_threads(1)                 # fighting over a core make these small models several times slower
+
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 KDRUN = [sys.executable, "-m", "kdrun"]
 # A small, quick Fashion-MNIST subset for end-to-end runs (stratified, so every class is there).

@@ -30,7 +30,8 @@ def test_channels_last_trains_the_same_weights_teacher_online_too(kdrun_here, ci
     for a, b in ((plain, nhwc), (distilled, distilled_nhwc)):
         assert a.keys() == b.keys()
         for name, w in a.items():
-            torch.testing.assert_close(b[name], w, rtol=1e-4, atol=1e-5, msg=name)
+            # float32 rounding of another summation order: up to 1.1e-5 on one thread, weights about 0.4
+            torch.testing.assert_close(b[name], w, rtol=1e-4, atol=5e-5, msg=name)
     assert nhwc["stem.0.weight"].is_contiguous(memory_format=torch.channels_last)  # it really ran channels-last
     assert not plain["stem.0.weight"].is_contiguous(memory_format=torch.channels_last)
 

@@ -41,7 +41,8 @@ def kdrun(kdrun_here):
 
 def test_each_fused_student_equals_its_own_run_and_reports_as_one(kdrun, workdir, mlp30_teachers):
     use_teachers(mlp30_teachers, workdir)  # what `kdrun train *TEACHER *QUICK` stores
-    kdrun("distill", *TEACHER, *STUDENT, *QUICK, "sweep.fused=true", "T=[2,5]", "alpha=[0,0.5]")
+    val = "transfer.val_size=100"  # each student's own validation errors, as its own run logs them
+    kdrun("distill", *TEACHER, *STUDENT, *QUICK, val, "sweep.fused=true", "T=[2,5]", "alpha=[0,0.5]")
     fused = newest(workdir / "runs" / "distill")
     points = [(2, 0), (2, 0.5), (5, 0), (5, 0.5)]  # every combination, the last key varying fastest
     with open(fused / "summary.csv") as f:
@@ -49,7 +50,7 @@ def test_each_fused_student_equals_its_own_run_and_reports_as_one(kdrun, workdir
     assert [(float(r["T"]), float(r["alpha"])) for r in summary] == points
     assert json.loads((fused / "results.json").read_text())["role"] == "fused sweep"
     for k, (T, alpha) in enumerate(points):
-        kdrun("distill", *TEACHER, *STUDENT, *QUICK, f"T={T}", f"alpha={alpha}")
+        kdrun("distill", *TEACHER, *STUDENT, *QUICK, val, f"T={T}", f"alpha={alpha}")
         alone = newest(workdir / "runs" / "distill")
         student = fused / str(k)
         mine, theirs = weights(student), weights(alone)
@@ -58,6 +59,7 @@ def test_each_fused_student_equals_its_own_run_and_reports_as_one(kdrun, workdir
             torch.testing.assert_close(mine[name], theirs[name], rtol=1e-4, atol=1e-5, msg=f"student {k}: {name}")
         a, b = rows(student), rows(alone)
         assert [r["test_errors"] for r in a] == [r["test_errors"] for r in b]
+        assert [(r["val_errors"], r["n_val"], r["n_train"]) for r in a] == [(r["val_errors"], 100, 900) for r in b]
         for ra, rb in zip(a, b):
             assert ra.keys() - {"seconds"} == rb.keys() - {"seconds"}
             for key in ("loss", "ce", "kd_scaled", "train_accuracy", "T", "alpha", "lr"):

@@ -101,8 +101,9 @@ def test_a_logit_method_sweeps_T_fused_each_student_as_its_own_run(here, workdir
         assert json.loads((student / "results.json").read_text())["loss"] == name
         mine, theirs = weights(student), weights(alone)
         assert mine.keys() == theirs.keys()
-        for p in mine:  # K students as one batched model: float32 rounding apart
-            torch.testing.assert_close(mine[p], theirs[p], rtol=1e-4, atol=1e-5, msg=f"student {k}: {p}")
+        for p in mine:  # K students as one batched model: float32 rounding apart (on one thread, DKD's two
+            # epochs grow it to 3e-5 on weights of 0.04; a wrong pairing is off by the weights' own size)
+            torch.testing.assert_close(mine[p], theirs[p], rtol=1e-3, atol=1e-4, msg=f"student {k}: {p}")
         a, b = rows(student), rows(alone)
         assert [r["test_errors"] for r in a] == [r["test_errors"] for r in b]
         for ra, rb in zip(a, b):
@@ -113,7 +114,7 @@ def test_a_logit_method_sweeps_T_fused_each_student_as_its_own_run(here, workdir
 
 
 def test_methods_and_seeds_sweep_with_multirun(here, workdir):
-    here("distill", "-m", "loss=hinton,dkd,dist", "seed=0,1", *CNN, *STUDENT, *SMALL)
+    here("distill", "-m", "loss=kd,dkd,dist", "seed=0,1", *CNN, *STUDENT, *SMALL)  # kd: loss=hinton by the field's name
     sweep = newest(workdir / "sweeps" / "distill")
     losses = sorted(json.loads((sweep / str(i) / "results.json").read_text())["loss"] for i in range(6))
     assert losses == ["DIST", "DIST", "DKD", "DKD", "HintonKD", "HintonKD"]

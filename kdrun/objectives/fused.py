@@ -30,11 +30,14 @@ def member_rows(rows, k):
     """Student k's metrics rows from a fused run's rows (its `name/k` terms and its test errors)."""
     out = []
     for row in rows:
-        own = {"epoch": row["epoch"], "step": row["step"], "lr": row["lr"]}
+        own = {"epoch": row["epoch"], "step": row["step"], "lr": row["lr"], "n_train": row["n_train"]}
         own.update({name[: -len(f"/{k}")]: v for name, v in row.items() if name.endswith(f"/{k}")})
         own.setdefault("train_accuracy", None)
         errors = row["member_test_errors"][k]
         own.update(test_errors=errors, n_test=row["n_test"], test_accuracy=1 - errors / row["n_test"],
                    seconds=row["seconds"])
+        if "member_val_errors" in row:
+            errors = row["member_val_errors"][k]
+            own.update(val_errors=errors, n_val=row["n_val"], val_accuracy=1 - errors / row["n_val"])
         out.append(own)
     return out
