@@ -144,11 +144,12 @@ METHODS = {
     "at": ["loss=at"],
     "rkd": ["loss=rkd"],
     "sp": ["loss=sp"],
+    "pkt": ["loss=pkt"],
     "crd": ["loss=crd"],
 }
-# relations across the batch (DIST's intra-class term, RKD's distances and angles, SP's similarities) are
-# computed over each process's share of the batch: not the one-process run's (docs/methods.md)
-PER_PROCESS_BATCH = {"dist", "rkd", "sp"}
+# relations across the batch (DIST's intra-class term, RKD's distances and angles, SP's similarities, PKT's
+# distributions) are computed over each process's share of the batch: not the one-process run's (docs/methods.md)
+PER_PROCESS_BATCH = {"dist", "rkd", "sp", "pkt"}
 TORCHRUN_RUNS = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                  str(Path(__file__).with_name("torchrun_runs.py"))]
 

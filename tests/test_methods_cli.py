@@ -39,6 +39,7 @@ def rows(run_dir):
 @pytest.mark.parametrize("method, extra, terms", [
     ("rkd", [], {"ce", "rkd_distance", "rkd_angle"}),
     ("sp", [], {"ce", "sp_0"}),
+    ("pkt", [], {"ce", "pkt"}),
     ("sp", ["loss.student_stages=[s1,s2]", "loss.teacher_stages=[s1,s2]"], {"ce", "sp_0", "sp_1"}),
     ("dkd", [], {"ce", "tckd", "nckd", "warmup"}),
     ("dkd", ["loss.standardize=true", "loss.warmup_epochs=0"], {"ce", "tckd", "nckd", "warmup"}),
@@ -65,6 +66,7 @@ RESUMED = {
     "dist": ["loss=dist"],
     "rkd": ["loss=rkd"],
     "sp": ["loss=sp"],
+    "pkt": ["loss=pkt"],
 }
 
 

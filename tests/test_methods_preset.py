@@ -9,7 +9,7 @@ import pytest
 
 TINY = ["dataset.limit=300", "dataset.test_limit=100", "epochs=1", "pipeline.seeds=[0]", "progress=false"]
 METHODS = {"student_alone": "HintonKD", "hinton": "HintonKD", "dkd": "DKD", "dist": "DIST", "fitnet": "FitNet",
-           "at": "AttentionTransfer", "rkd": "RKD", "sp": "SimilarityPreserving", "crd": "CRD"}
+           "at": "AttentionTransfer", "rkd": "RKD", "sp": "SimilarityPreserving", "pkt": "PKT", "crd": "CRD"}
 
 
 @pytest.mark.slow
