@@ -7,11 +7,11 @@ import logging
 import torch
 
 from kdrun.commands import teacher as teachers
+from kdrun.data.batches import Batch
+from kdrun.data.memory import budget_bytes
 from kdrun.data.transfer import describe
 from kdrun.models.build import feature_paths, head_path
 from kdrun.models.features import PENULTIMATE, FeatureTap, resolve_stages
-from kdrun.data.batches import Batch
-from kdrun.data.memory import budget_bytes
 from kdrun.objectives import CachedLogits, OnlineTeacher
 from kdrun.objectives.teachers import CachedFeatures
 from kdrun.parts import ObjectivePart

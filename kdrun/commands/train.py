@@ -7,8 +7,8 @@ from pathlib import Path
 from kdrun import store
 from kdrun.commands import teacher
 from kdrun.data.loading import load_data
+from kdrun.data.transfer import check_held_out
 from kdrun.devices import resolve_device
-from kdrun.errors import KdrunError
 from kdrun.io import write_json
 from kdrun.objectives import CrossEntropy
 from kdrun.parts import DataPart, OutputsPart, RolePart, TeacherSource, fold_recipe_overrides
@@ -24,18 +24,13 @@ def preflight(cfg, overrides=()):
     cfg = fold_recipe_overrides(cfg, ["teacher"])
     if not teacher.is_ensemble(cfg):
         check_buildable(cfg.dataset, [RolePart.of(cfg, "teacher")])
-        check_val_size("teacher.recipe.val_size", cfg.teacher.recipe.get("val_size", 0), transfer["n"])
+        check_held_out("teacher.recipe.val_size", cfg.teacher.recipe.get("val_size", 0), transfer["n"])
         return
     for member in teacher.source(cfg, transfer).members:
         if member.ckpt:
             member.check(cfg.dataset)
         else:
             check_buildable(cfg.dataset, [RolePart.of(member.cfg, "teacher")])
-
-
-def check_val_size(name, size, n_train):
-    if size and size >= n_train:
-        raise KdrunError(f"{name} ({size}) must be smaller than the examples it is carved from ({n_train})")
 
 
 def run(cfg, run_dir):

@@ -62,13 +62,18 @@ def describe(transfer):
     return "; ".join(parts) or None
 
 
+def check_held_out(what, size, n):
+    """A validation split of `size` leaves some of the `n` examples it is carved from to train on."""
+    if size and size >= n:
+        raise KdrunError(f"{what} ({size}) must be smaller than the examples it is carved from ({n})")
+
+
 def held_out(split, size, seed, what="recipe.val_size"):
     """(the rest, a validation split): `size` examples of `split` carved out stratified by class and
     drawn with `seed`, as select_rows carves transfer.val_size from the whole train split (same size,
     same seed: the same rows)."""
     n = len(split)
-    if size >= n:
-        raise KdrunError(f"{what} ({size}) must be smaller than the examples it is carved from ({n})")
+    check_held_out(what, size, n)
     val = stratified_subset(split.labels.cpu(), size, seed)
     keep = torch.ones(n, dtype=torch.bool)
     keep[val] = False

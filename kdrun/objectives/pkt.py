@@ -17,10 +17,10 @@ are compared, so PKT needs no regressor.
 
 import torch
 
+from kdrun.models.features import PENULTIMATE
 from kdrun.objectives.base import Needs, Objective
 from kdrun.objectives.feature_kd import check_weights, logit_terms
 
-PENULTIMATE = "penultimate"
 EPS = 1e-7  # the authors'
 
 
