@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from kdrun import report, resume, store
 from kdrun.commands import distill, soft_targets, teacher, train
+from kdrun.data.loading import identify
 from kdrun.errors import KdrunError, first_line
 from kdrun.io import write_json
 from kdrun.parts import fold_recipe_overrides
@@ -163,11 +164,14 @@ def teachers(jobs):
     a run config that reads cached soft targets from it, or None)}."""
     from kdrun.commands.teaching import online
 
-    found = {}
+    found, data = {}, {}
     for command, run_cfg in jobs:
         if not needs_store_teacher(command, run_cfg):
             continue
-        key = store.teacher_key(run_cfg, run_cfg.teacher_seed)
+        where = (OmegaConf.to_yaml(run_cfg.dataset), str(run_cfg.data_dir))  # its files are hashed once
+        if where not in data:
+            data[where] = identify(run_cfg)
+        key = store.teacher_key(run_cfg, run_cfg.teacher_seed, data[where])
         teacher_cfg, cached = found.get(key, (_as_teacher(run_cfg), None))
         found[key] = (teacher_cfg, cached or (None if online(run_cfg) else run_cfg))
     return found
