@@ -111,9 +111,8 @@ def run(cfg, run_dir, label=None):
     taught_by = teacher.source(cfg, data.transfer) if objective.uses_teacher else None
     signal, info = teacher_signal(objective, taught_by, data, student.channels_last)
     extra = student_results(student, objective, source.transfer, label, rows, info)
-    val = data.train.subset(rows.val) if rows.val.numel() else None  # logged each epoch, never trained on
     results, model = train_model(student, outputs, objective.build(teacher=signal), data, transfer_set, device, extra,
-                                 val=val)
+                                 val=rows.val_split(data.train))  # its errors logged each epoch, never trained on
     if source.transfer.bias_correction:
         results["bias_correction"] = correct_bias(source, student, outputs, model, data, rows)
         write_json(outputs.run_dir / "results.json", results)
@@ -124,7 +123,7 @@ def correct_bias(source, student, outputs, model, data, rows):
     """Tune one additive shift of the affected classes' logits on the validation split, report test
     errors before and after, and save the shifted model beside the trained one."""
     classes = affected_classes(source.transfer)
-    val = data.train.subset(rows.val)
+    val = rows.val_split(data.train)
     val_logits, test_logits = predict(model, val), predict(model, data.test)
     shift, val_after = bias.tune_shift(val_logits, val.labels, classes)
     test_after = bias.shift_logits(test_logits, classes, shift)

@@ -71,8 +71,7 @@ def run(cfg, run_dir):
     stacked = StackedModels(models).to(device)
     log.info("fused sweep: %d students of %s (%s) in one model", len(students), student.name,
              ", ".join(_point_name(p) for p in students))
-    val = data.train.subset(rows.val) if rows.val.numel() else None
-    _, seconds = fit_role(student, outputs, stacked, objective, data, transfer_set, val=val)
+    _, seconds = fit_role(student, outputs, stacked, objective, data, transfer_set, val=rows.val_split(data.train))
     epochs = [json.loads(line) for line in (outputs.run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = []
     for k, (point, point_objective) in enumerate(zip(students, objectives)):

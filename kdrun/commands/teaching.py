@@ -7,12 +7,12 @@ import logging
 import torch
 
 from kdrun.commands import teacher as teachers
-from kdrun.data.batches import Batch
 from kdrun.data.memory import budget_bytes
 from kdrun.data.transfer import describe
 from kdrun.models.build import feature_paths, head_path
 from kdrun.models.features import PENULTIMATE, FeatureTap, resolve_stages
 from kdrun.objectives import CachedLogits, OnlineTeacher
+from kdrun.objectives.base import teacher_shapes
 from kdrun.objectives.teachers import CachedFeatures
 from kdrun.parts import ObjectivePart
 from kdrun.run import target_name
@@ -66,13 +66,12 @@ def teacher_signal(objective, teacher, data, channels_last=False):
 def _cache_fits(online_teacher, data, dataset):
     """Whether the teacher's features over the train split fit `dataset`'s memory budget (and, on a
     GPU, a fifth of its free memory); if not, the teacher runs online and the log says why."""
-    example = data.train.normalize(torch.zeros((2, *data.shape), device=data.train.device))
-    idx = torch.zeros(2, dtype=torch.long, device=example.device)
-    _, feats = online_teacher.outputs(Batch(example, None, idx), fresh=True)
-    nbytes = CachedFeatures.nbytes({k: tuple(v.shape) for k, v in feats.items()}, len(data.train))
+    device = data.train.device
+    nbytes = CachedFeatures.nbytes(teacher_shapes(online_teacher, torch.zeros((2, *data.shape), device=device)),
+                                   len(data.train))
     budget = budget_bytes(dataset)
-    if example.device.type == "cuda":
-        budget = min(budget, 0.2 * torch.cuda.mem_get_info(example.device)[0])
+    if device.type == "cuda":
+        budget = min(budget, 0.2 * torch.cuda.mem_get_info(device)[0])
     if nbytes <= budget:
         return True
     log.info("teacher features: %.3g GiB over the train split, over the memory budget of %.3g GiB: the "

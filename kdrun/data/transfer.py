@@ -14,6 +14,10 @@ class TransferRows:
     train: torch.Tensor  # positions in the train split the student learns from
     val: torch.Tensor  # positions carved out for validation (empty when val_size is 0)
 
+    def val_split(self, split):
+        """The validation rows of `split` (the whole train split), or None when none were carved."""
+        return split.subset(self.val) if self.val.numel() else None
+
 
 def select_rows(labels, transfer, seed):
     """Carve the validation split first (stratified over all classes), then filter the rest by class,

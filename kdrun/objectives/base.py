@@ -150,12 +150,18 @@ class Objective(nn.Module):
             model.train(was_training)
         return {name: tuple(v.shape) for name, v in feats.items()}
 
-    @torch.no_grad()
     def teacher_shapes(self, example):
         """{stage: output shape} of the teacher on `example`."""
-        idx = torch.zeros(example.shape[0], dtype=torch.long, device=example.device)
-        _, feats = self.teacher.outputs(Batch(example, None, idx), fresh=True)
-        return {name: tuple(v.shape) for name, v in feats.items()}
+        return teacher_shapes(self.teacher, example)
+
+
+@torch.no_grad()
+def teacher_shapes(teacher, example):
+    """{stage: output shape} of a teacher signal with features (OnlineTeacher, CachedFeatures) on the
+    inputs `example` (their rows' positions taken as 0)."""
+    idx = torch.zeros(example.shape[0], dtype=torch.long, device=example.device)
+    _, feats = teacher.outputs(Batch(example, None, idx), fresh=True)
+    return {name: tuple(v.shape) for name, v in feats.items()}
 
 
 def alpha_needs(cfg):

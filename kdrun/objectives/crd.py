@@ -31,12 +31,12 @@ from torch import nn
 from kdrun import distributed
 from kdrun.data.memory import MEMORY_SHARE, available_host_bytes
 from kdrun.errors import KdrunError
-from kdrun.objectives.base import Needs, Objective
-from kdrun.objectives.feature_kd import check_weights, logit_terms
+from kdrun.models.features import PENULTIMATE
+from kdrun.objectives.base import Objective
+from kdrun.objectives.feature_kd import check_weights, logit_terms, penultimate_needs
 
 log = logging.getLogger("kdrun")
 
-PENULTIMATE = "penultimate"
 EPS = 1e-7  # the authors' ContrastLoss
 
 
@@ -143,9 +143,7 @@ class CRD(Objective):
 
     @classmethod
     def needs(cls, cfg=None):
-        ce_weight = cfg.get("ce_weight", 1.0) if cfg is not None else 1.0
-        return Needs(teacher=True, teacher_features=(PENULTIMATE,), student_features=(PENULTIMATE,),
-                     labels=float(ce_weight) > 0)
+        return penultimate_needs(cfg)
 
     def get_extra_state(self):
         return {"generator": self.generator.get_state()}

@@ -1,9 +1,12 @@
-"""What the feature-based objectives (FitNets, attention transfer) share: the logit part of their loss
-and the checks of the stage names they read."""
+"""What the feature-based objectives (FitNets, attention transfer, RKD, PKT, CRD) share: the logit part
+of their loss, the checks of the stage names they read, and the needs of those reading the
+penultimate embeddings."""
 
 import torch.nn.functional as F
 
 from kdrun.losses import kd_kl
+from kdrun.models.features import PENULTIMATE
+from kdrun.objectives.base import Needs
 
 
 def logit_terms(logits, teacher_logits, labels, T, ce_weight, kd_weight):
@@ -36,3 +39,11 @@ def stage_names(what, names):
     if not names:
         raise ValueError(f"{what} must name at least one stage")
     return tuple(names)
+
+
+def penultimate_needs(cfg=None):
+    """The Needs of an objective that reads both models' penultimate embeddings (the heads' inputs):
+    labels unless its config (`cfg`, None: the defaults) sets ce_weight to 0."""
+    ce_weight = cfg.get("ce_weight", 1.0) if cfg is not None else 1.0
+    return Needs(teacher=True, teacher_features=(PENULTIMATE,), student_features=(PENULTIMATE,),
+                 labels=float(ce_weight) > 0)

@@ -18,8 +18,8 @@ are compared, so PKT needs no regressor.
 import torch
 
 from kdrun.models.features import PENULTIMATE
-from kdrun.objectives.base import Needs, Objective
-from kdrun.objectives.feature_kd import check_weights, logit_terms
+from kdrun.objectives.base import Objective
+from kdrun.objectives.feature_kd import check_weights, logit_terms, penultimate_needs
 
 EPS = 1e-7  # the authors'
 
@@ -54,9 +54,7 @@ class PKT(Objective):
 
     @classmethod
     def needs(cls, cfg=None):
-        ce_weight = cfg.get("ce_weight", 1.0) if cfg is not None else 1.0
-        return Needs(teacher=True, teacher_features=(PENULTIMATE,), student_features=(PENULTIMATE,),
-                     labels=float(ce_weight) > 0)
+        return penultimate_needs(cfg)
 
     def forward(self, model, batch, progress):
         T = self.temperature(progress)

@@ -17,10 +17,9 @@ of one example has no pairs: both terms are 0.
 import torch
 import torch.nn.functional as F
 
-from kdrun.objectives.base import Needs, Objective
-from kdrun.objectives.feature_kd import check_weights, logit_terms
-
-PENULTIMATE = "penultimate"
+from kdrun.models.features import PENULTIMATE
+from kdrun.objectives.base import Objective
+from kdrun.objectives.feature_kd import check_weights, logit_terms, penultimate_needs
 
 
 def pairwise_distances(e, eps=1e-12):
@@ -80,9 +79,7 @@ class RKD(Objective):
 
     @classmethod
     def needs(cls, cfg=None):
-        ce_weight = cfg.get("ce_weight", 1.0) if cfg is not None else 1.0
-        return Needs(teacher=True, teacher_features=(PENULTIMATE,), student_features=(PENULTIMATE,),
-                     labels=float(ce_weight) > 0)
+        return penultimate_needs(cfg)
 
     def forward(self, model, batch, progress):
         T = self.temperature(progress)
