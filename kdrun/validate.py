@@ -160,6 +160,7 @@ def _ensemble(cfg):
                          f"model.pt paths), got {t.members!r}")
     integer("teacher.recipe.epochs", t.recipe.epochs, 1, allow_none=True)
     integer("teacher.recipe.batch_size", t.recipe.batch_size, 1, allow_none=True)
+    integer("teacher.recipe.val_size", t.recipe.get("val_size"), 0, allow_none=True)
     if t.recipe.optimizer.lr is not None:
         _positive("teacher.recipe.optimizer.lr", t.recipe.optimizer.lr)
     if cfg.teacher_seed != 0 or cfg.get("teacher_ckpt"):

@@ -308,7 +308,7 @@ CASES = [
      "kdrun: error: unknown experiment 'hinton' (did you mean hinton_mnist?); choose from: born_again, "
      "cifar100_resnet110_resnet32, cifar100_resnet32x4_resnet8x4, cifar100_resnet32x4_shufflenetv2, "
      "cifar100_resnet56_resnet20, cifar100_table, cifar100_vgg13_vgg8, cifar100_wrn_40_2_wrn_16_2, "
-     "cifar100_wrn_40_2_wrn_40_1, cifar10_short, demo, ensemble_fashion, "
+     "cifar100_wrn_40_2_wrn_40_1, cifar10_short, demo, ensemble_fashion, ensemble_mnist, "
      "hinton_fashion, hinton_mnist, methods_fashion, omit_class, only_classes, regulariser, self_teaching_fashion, "
      "specialists_fashion, "
      "student_size"),
@@ -360,6 +360,18 @@ CASES = [
     ("pipeline-ensemble-other-seeds", ["pipeline", *T30, *QUICK, "+pipeline.runs.x=['alpha=0','seed=0,1']",
                                        "+pipeline.ensembles.e=[x,distilled]"],
      "kdrun: error: pipeline.ensembles.e: its runs have different seeds; they pair up seed by seed"),
+    ("pipeline-compare-not-a-pair", ["pipeline", *T30, *QUICK, "pipeline.compare=[[distilled]]"],
+     "kdrun: error: pipeline.compare[0] must be a pair of row selectors like [distilled, student_alone], got ['distilled']"),
+    ("pipeline-compare-unknown-run", ["pipeline", *T30, *QUICK, "pipeline.compare=[[distiled,student_alone]]"],
+     "kdrun: error: pipeline.compare[0]: 'distiled' names no run of this pipeline (runs: student_alone, distilled)"),
+    ("ensemble-held-out-negative", ["distill", *QUICK, "teacher=ensemble", "teacher.recipe.val_size=-5"],
+     "kdrun: error: teacher.recipe.val_size must be an integer >= 0 or null, got -5"),
+    ("ensemble-held-out-everything", ["train", *QUICK, "teacher=ensemble", "teacher.recipe.val_size=1000"],
+     "kdrun: error: teacher.recipe.val_size (1000) must be smaller than the examples it is carved from (1000)"),
+    ("ensemble-member-held-out-everything", ["train", *QUICK, "teacher=ensemble",
+                                            "teacher.members=['seed=0 teacher.recipe.val_size=1000']"],
+     "kdrun: error: teacher.members[0]: teacher.recipe.val_size (1000) must be smaller than the examples it is carved "
+     "from (1000)"),
     ("self-distill-bandwidth-zero", ["self-distill", *QUICK, "loss.bandwidth=0"],
      "kdrun: error: invalid loss config: bandwidth must be a number > 0 or null, got 0"),
     ("mutual-without-labels", ["mutual", *QUICK, "transfer.labels=false"],

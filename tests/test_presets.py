@@ -4,6 +4,7 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import QUICK, write_mnist_like
@@ -46,7 +47,7 @@ def test_hinton_mnist_on_mnist_shaped_idx_files(kdrun, workdir, tmp_path):
         line = only(x for x in report.splitlines() if x.startswith(f"| {name} ") and f"| {paper} " in x)
         mean = {"teacher": teacher, "student_alone": results(run / "student_alone"), "distilled": distilled}[name]
         assert f"{mean['test_errors']:.1f} ± 0.0" in line
-    assert "trains 60 epochs of SGD" in report
+    assert "trains 300 epochs of SGD" in report
 
 
 def test_omit_class_trains_without_the_class_and_corrects_its_bias(kdrun, workdir, data_dir):
@@ -120,23 +121,44 @@ def test_student_size_sweeps_students_and_temperatures(kdrun, workdir):
     assert seen == {("mlp30", 2), ("mlp30", 20), ("mlp300", 2), ("mlp300", 20)}
 
 
-def test_ensemble_fashion_distils_one_model_of_each_size_from_the_ensemble(kdrun, workdir):
-    out = kdrun("pipeline", "experiment=ensemble_fashion", *TINY, "teacher.members=[0,1]")
+@pytest.mark.parametrize("preset", ["ensemble_fashion", "ensemble_mnist"])
+def test_ensemble_preset_distils_on_the_images_its_members_never_saw(kdrun, workdir, tmp_path, preset):
+    if preset == "ensemble_mnist":  # MNIST-shaped files the test writes, as a user's clone has no MNIST
+        write_mnist_like(tmp_path / "mnist_data" / "MNIST" / "raw", n_train=1000, n_test=500)
+        data = ["dataset.test_limit=500", "progress=false", f"data_dir={tmp_path / 'mnist_data'}"]
+    else:
+        data = QUICK
+    out = kdrun("pipeline", f"experiment={preset}", *data, "epochs=1", "teacher.members=[0,1]",
+                "teacher.recipe.val_size=200", "pipeline.seeds=[0,1]")
     run = pipeline_dir(workdir)
-    ensemble = results(run / "teacher")
+    ensemble = results(run / "teacher" / "ensemble")
     assert ensemble["teacher"] == "ensemble(arithmetic, 2x mlp1200_adamw)"
-    assert [results(run / "teacher" / f"member_{i}")["seed"] for i in (0, 1)] == [0, 1]
-    for name, student in (("distilled", "mlp800"), ("same_size_distilled", "mlp1200_adamw")):
-        r = results(run / name)
-        assert (r["student"], r["teacher_key"], r["T"]) == (student, ensemble["teacher_key"], 4.0)
-    assert results(run / "same_size_alone")["teacher_key"] is None
-    rows = {(r["label"], r["teacher"]): r for r in csv.DictReader(open(run / "report.csv"))}
-    assert float(rows[("ensemble", ensemble["teacher"])]["errors_mean"]) == ensemble["test_errors"]
-    assert rows[("", "mlp1200_adamw")]["n"] == "2"  # the members, one row
-    assert rows[("distilled", ensemble["teacher"])]["gain_kept"] == ""  # the paper's measure is for the members' size
-    assert "## Compared with Hinton et al. 2015, section 4 (Table 1, speech recognition)" in out.stdout
+    member = [results(run / "teacher" / "ensemble" / f"member_{i}") for i in (0, 1)]
+    assert [(m["seed"], m["n_train"], m["n_val"]) for m in member] == [(0, 800, 200), (1, 800, 200)]
+    one = results(run / "teacher" / "ensemble_2")  # the from-one control: member 0, the ensemble's own file
+    assert one["label"] == "one member" and [m["key"] for m in one["members"]] == [ensemble["members"][0]["key"]]
+    runs = {name: [results(run / name / str(i)) for i in (0, 1)]
+            for name in ("same_size_alone", "same_size_distilled", "same_size_from_one", "same_size_on_seen")}
+    for r in runs["same_size_distilled"]:  # every training image, no label: all it knows of labels is the ensemble's
+        assert (r["n_train"], r["labels"], r["alpha"], r["teacher_key"]) == (1000, False, 1.0, ensemble["teacher_key"])
+    assert [r["teacher_key"] for r in runs["same_size_from_one"]] == [one["teacher_key"]] * 2
+    # the members' own 800 images, validated on the 200 they held out
+    assert [(r["n_train"], r["n_val"], r["teacher_key"]) for r in runs["same_size_on_seen"]] == \
+        [(800, 200, ensemble["teacher_key"])] * 2
+    assert [(r["n_train"], r["n_val"], r["teacher_key"]) for r in runs["same_size_alone"]] == [(800, 200, None)] * 2
+    # the model alone at seed 0 is member 0: the same network, recipe, seed and 800 images
+    assert runs["same_size_alone"][0]["test_errors"] == member[0]["test_errors"]
+    rows = {r["label"]: r for r in csv.DictReader(open(run / "report.csv"))}
+    assert float(rows["ensemble"]["errors_mean"]) == ensemble["test_errors"]
+    assert rows["same_size_from_one"]["gain_kept"] == ""  # distilled from one member: there is no ensemble gain
+    for b in ("same_size_alone", "same_size_from_one", "same_size_on_seen"):
+        a = "same_size_distilled"
+        section = out.stdout.split(f"## Paired comparison: {a} vs {b}")[1].split("##")[0]
+        for seed in (0, 1):
+            ea, eb = runs[a][seed]["test_errors"], runs[b][seed]["test_errors"]
+            assert f"| {seed}    | {ea} " in section and f"| {ea - eb:+d} " in section
     paper_row = next(line for line in out.stdout.splitlines() if line.startswith("| ensemble ") and "61.1%" in line)
-    assert f"| {ensemble['test_errors']:.1f} ± 0.0 " in paper_row  # the paper's number beside the one measured
+    assert paper_row.rstrip("| ").endswith(f"| {ensemble['test_errors']:.1f} ± 0.0")  # the ensemble of 2, not the one of 1
 
 
 def test_every_paper_preset_composes_its_runs_and_states_how_it_differs():
@@ -146,7 +168,8 @@ def test_every_paper_preset_composes_its_runs_and_states_how_it_differs():
     from kdrun.commands.pipeline import compose_run, student_runs
 
     expected = {"hinton_mnist": 2, "hinton_fashion": 6, "student_size": 3 + 3 * 8, "omit_class": 2,
-                "only_classes": 2, "regulariser": 4, "ensemble_fashion": 4}
+                "only_classes": 2, "regulariser": 4, "ensemble_fashion": 12,
+                "ensemble_mnist": 12}
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         for name, n_jobs in expected.items():
             cfg = compose(config_name="pipeline", overrides=[f"experiment={name}"])

@@ -86,3 +86,33 @@ def test_a_failed_job_gets_its_row_and_the_sweep_exits_non_zero(kdrun, workdir):
     out = Path(sweep) / "report"
     report = kdrun("report", str(sweep), "--out", str(out))
     assert "Failed runs:" in report.stdout and "loss is " in report.stdout
+
+
+def test_ensemble_gain_kept_is_measured_seed_by_seed(tmp_path):
+    # members make 50 and 54 errors (mean 52), their ensemble 42: a gain of 10 errors
+    members = [{"member": f"teacher.members[{i}]", "key": f"m{i}", "sha256": "s", "test_errors": e, "n_params": 7}
+               for i, e in enumerate((50, 54))]
+    write_json(tmp_path / "teachers" / "ens" / "teacher.json", {"results": {
+        "command": "train", "status": "completed", "label": "ensemble", "dataset": "d", "teacher": "ensemble(2x s)",
+        "n_test": 100, "test_errors": 42, "test_accuracy": 0.58, "teacher_key": "ens", "n_params": 14,
+        "members": members, "members_test_errors_mean": 52.0, "run_dir": "/elsewhere"}})
+    runs = tmp_path / "runs"
+    for seed, errors in enumerate((44, 47, 50)):
+        result(runs, f"d{seed}", command="distill", label="same_size", teacher="ensemble(2x s)", student="s", T=4,
+               alpha=1, seed=seed, teacher_key="ens", n_params=7, test_errors=errors, test_accuracy=1 - errors / 100,
+               teacher_ckpt=str(tmp_path / "teachers" / "ens" / "model.pt"))
+    result(runs, "wide", command="distill", label="wider", teacher="ensemble(2x s)", student="w", T=4, alpha=1, seed=0,
+           teacher_key="ens", n_params=9, test_errors=45, test_accuracy=0.55,
+           teacher_ckpt=str(tmp_path / "teachers" / "ens" / "model.pt"))
+    rows, _ = summarise(collect([runs]))
+    by_name = {r["name"]: r for r in rows}
+    kept = [(52 - e) / 10 for e in (44, 47, 50)]  # 80%, 50%, 20%
+    same = by_name["same_size"]
+    assert same["gain_kept"] == pytest.approx(statistics.fmean(kept))
+    assert same["gain_kept_std"] == pytest.approx(statistics.stdev(kept))
+    assert by_name["wider"]["gain_kept"] is None  # the paper's measure is for a model of the members' size
+    text, _ = write([runs], tmp_path / "out")
+    line = next(x for x in text.splitlines() if x.startswith("| same_size "))
+    assert "| 50.0% ± 30.0% " in line
+    table = {r["label"]: r for r in csv.DictReader(open(tmp_path / "out" / "report.csv"))}
+    assert float(table["same_size"]["gain_kept_std"]) == pytest.approx(0.3)

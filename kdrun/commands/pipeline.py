@@ -218,6 +218,8 @@ def preflight(cfg, overrides=()):
             raise KdrunError(f"pipeline.include: {plan.folder} has pipeline.ensembles, which an included preset "
                              "cannot have")
         _check_ensembles(plan.cfg, earlier)
+        if not plan.folder:
+            _check_compare(plan.cfg, [*earlier, *(plan.cfg.pipeline.get("ensembles") or {})])
     for teacher_cfg, _ in teachers(jobs).values():
         train.preflight(teacher_cfg)
 
@@ -233,6 +235,18 @@ def _check_ensembles(cfg, earlier):
             raise KdrunError(f"pipeline.ensembles.{name}: its runs have different seeds; they pair up seed by seed")
         if name in earlier or name in RESERVED:
             raise KdrunError(f"pipeline.ensembles.{name}: the name is taken")
+
+
+def _check_compare(cfg, names):
+    """pipeline.compare: [A, B] pairs whose every bare term names a run (or a role) of this pipeline."""
+    for i, pair in enumerate(cfg.pipeline.get("compare") or []):
+        where = f"pipeline.compare[{i}]"
+        if not OmegaConf.is_list(pair) or len(pair) != 2 or not all(isinstance(p, str) and p.strip() for p in pair):
+            raise KdrunError(f"{where} must be a pair of row selectors like [distilled, student_alone], got {pair!r}")
+        for selector in pair:
+            for term in (t.strip() for t in selector.split(",")):
+                if term and "=" not in term and term not in names and term not in report.ROLE_ORDER:
+                    raise KdrunError(f"{where}: '{term}' names no run of this pipeline (runs: {', '.join(names)})")
 
 
 def _check_run(command, run_cfg, transfer, earlier, words):
@@ -298,7 +312,8 @@ def run(cfg, run_dir):
     preset = hc.runtime.choices.get("experiment")
     title = f"kdrun pipeline experiment={preset}" if preset else f"kdrun pipeline: {cfg.dataset.name}"
     order = list(dict.fromkeys(name for plan in steps for name, _, _ in plan.runs))
-    text, rows = report.write([run_dir], run_dir, title=title, paper=paper, order=order)
+    comparisons = [tuple(pair) for pair in cfg.pipeline.get("compare") or []]
+    text, rows = report.write([run_dir], run_dir, title=title, paper=paper, order=order, comparisons=comparisons)
     write_json(run_dir / "results.json", {"command": "pipeline", "status": "completed", "runs": done,
                                           "report": str(run_dir / "report.md"), "config": run_config(cfg)})
     print(f"\n{text}")

@@ -66,6 +66,9 @@ def _checkpoint(path):
 
 # ---------------------------------------------------------------- ensembles
 
+# teacher=ensemble's recipe keys, each set in every member's recipe when not null
+ENSEMBLE_RECIPE = (*RECIPE_OVERRIDES.values(), "val_size")
+
 
 @dataclass
 class Member:
@@ -139,8 +142,8 @@ def members(cfg, ensemble, overrides=()):
         member_cfg = cfg.copy()
         OmegaConf.set_struct(member_cfg, False)
         member_cfg.teacher = composed.teacher
-        for path in RECIPE_OVERRIDES.values():  # the ensemble's teacher.recipe.* wins over a member's own
-            value = OmegaConf.select(spec.recipe, path)
+        for path in ENSEMBLE_RECIPE:  # the ensemble's teacher.recipe.* wins over a member's own
+            value = OmegaConf.select(spec.recipe, path, default=None)
             if value is not None:
                 OmegaConf.update(member_cfg, f"teacher.recipe.{path}", value)
         model_spec(where, member_cfg.teacher)
@@ -169,7 +172,8 @@ def ensemble_record(ensemble, model, group, keys, shas, data):
     measured = evaluate(model, data.test)
     member_errors, errors = measured["member_test_errors"], measured["test_errors"]
     results = {
-        "command": "train", "status": "completed", "label": "ensemble", "dataset": ensemble.dataset.name,
+        "command": "train", "status": "completed", "dataset": ensemble.dataset.name,
+        "label": "ensemble" if len(group) > 1 else "one member",  # a distilled-from-one-member control's teacher
         "teacher": ensemble_name(ensemble, group),
         "student": None, "T": None, "alpha": None, "seed": None, "n_train": len(data.train),
         "n_params": n_params(model), "combine": combine, "teacher_key": key,

@@ -89,4 +89,4 @@ def student_results(student, objective, transfer, label, rows, teacher_info):
             "alpha_schedule": target_name(objective.alpha_schedule), "loss": target_name(objective.loss),
             "transfer_set": describe(transfer), "labels": transfer.labels, "augment": augment,
             "jitter": student.recipe.jitter, "flip": student.recipe.get("flip", False),
-            "n_val": int(rows.val.numel()), **teacher_info}
+            "n_val": int(rows.val.numel()) or int(student.recipe.get("val_size") or 0), **teacher_info}

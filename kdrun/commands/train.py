@@ -22,15 +22,17 @@ log = logging.getLogger("kdrun")
 def preflight(cfg, overrides=()):
     transfer = check_inputs(cfg)
     cfg = fold_recipe_overrides(cfg, ["teacher"])
+    check_held_out("teacher.recipe.val_size", cfg.teacher.recipe.get("val_size"), transfer["n"])
     if not teacher.is_ensemble(cfg):
         check_buildable(cfg.dataset, [RolePart.of(cfg, "teacher")])
-        check_held_out("teacher.recipe.val_size", cfg.teacher.recipe.get("val_size", 0), transfer["n"])
         return
     for member in teacher.source(cfg, transfer).members:
         if member.ckpt:
             member.check(cfg.dataset)
         else:
             check_buildable(cfg.dataset, [RolePart.of(member.cfg, "teacher")])
+            check_held_out(f"{member.where}: teacher.recipe.val_size", member.cfg.teacher.recipe.get("val_size"),
+                           transfer["n"])
 
 
 def run(cfg, run_dir):
