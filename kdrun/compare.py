@@ -20,9 +20,14 @@ from kdrun import configs
 from kdrun.errors import KdrunError
 
 
+def selector_terms(spec):
+    """The terms of a selector: its comma-separated parts, stripped, empty ones dropped."""
+    return [t.strip() for t in spec.split(",") if t.strip()]
+
+
 def select(rows, spec):
     """The one row `spec` picks (see the module's docstring)."""
-    terms = [t.strip() for t in spec.split(",") if t.strip()]
+    terms = selector_terms(spec)
     if not terms:
         raise KdrunError(f"--compare: empty selector {spec!r}; name a row (its model column) or give KEY=VALUE")
     found = [r for r in rows if r.get("members") and all(_holds(r, t) for t in terms)]

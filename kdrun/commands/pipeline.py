@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from kdrun import report, resume, store
+from kdrun import compare, report, resume, store
 from kdrun.commands import distill, soft_targets, teacher, train
 from kdrun.data.loading import identify
 from kdrun.errors import KdrunError, first_line
@@ -244,8 +244,8 @@ def _check_compare(cfg, names):
         if not OmegaConf.is_list(pair) or len(pair) != 2 or not all(isinstance(p, str) and p.strip() for p in pair):
             raise KdrunError(f"{where} must be a pair of row selectors like [distilled, student_alone], got {pair!r}")
         for selector in pair:
-            for term in (t.strip() for t in selector.split(",")):
-                if term and "=" not in term and term not in names and term not in report.ROLE_ORDER:
+            for term in compare.selector_terms(selector):
+                if "=" not in term and term not in names and term not in report.ROLE_ORDER:
                     raise KdrunError(f"{where}: '{term}' names no run of this pipeline (runs: {', '.join(names)})")
 
 
