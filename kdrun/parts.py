@@ -21,6 +21,12 @@ RECIPE_OVERRIDES = {"epochs": "epochs", "batch_size": "batch_size", "lr": "optim
                     "precision": "precision"}
 
 
+def teacher_seed(cfg):
+    """The seed of the stored teacher a run distils from: `teacher_seed`, or the run's own seed where it
+    is `same` (each seed of a sweep with its own teacher)."""
+    return cfg.seed if cfg.teacher_seed == "same" else cfg.teacher_seed
+
+
 def fold_recipe_overrides(cfg, roles):
     """Copy of cfg where the top-level epochs/batch_size/lr are written into the recipes of `roles`
     (the models this command trains), so a teacher's key records the recipe it was really trained with."""
@@ -152,7 +158,7 @@ class TeacherSource:
 
     @classmethod
     def of(cls, cfg, data, seed=None):
-        return cls(cfg.teacher, cfg.teacher_seed if seed is None else int(seed), cfg.get("teacher_ckpt"),
+        return cls(cfg.teacher, teacher_seed(cfg) if seed is None else int(seed), cfg.get("teacher_ckpt"),
                    Path(cfg.workdir), cfg.dataset, data)
 
     @property

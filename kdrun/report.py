@@ -122,7 +122,8 @@ def summarise(runs):
         row.update(errors_mean=statistics.fmean(errors), errors_std=statistics.stdev(errors) if len(errors) > 1 else 0.0,
                    accuracy=statistics.fmean(m["test_accuracy"] for m in members), n=len(members),
                    train_accuracy=_mean(members, lambda m: m.get("train_accuracy")),
-                   seeds=sorted(m.get("seed") for m in members), teacher_key=members[0].get("teacher_key"))
+                   seeds=sorted(m.get("seed") for m in members), teacher_key=members[0].get("teacher_key"),
+                   teacher_keys={m.get("teacher_key") for m in members})
         row["errors"] = f"{row['errors_mean']:.1f} ± {row['errors_std']:.1f}"
         row["name"] = row["label"] or row["role"]
         if row["role"] == "mutual ensemble" and row["label"]:
@@ -195,11 +196,17 @@ def _gap(row, rows):
         r for r in same_data if (r["jitter"], r["flip"]) == (row["jitter"], row["flip"])]
     if len(alone) > 1:
         alone = [r for r in alone if r["epochs"] == row["epochs"]]
-    teacher = [r for r in rows if r["role"] == "teacher" and r["teacher_key"] == row["teacher_key"]]
+    teacher = _teachers_of(row, rows)
     if len(alone) != 1 or len(teacher) != 1:
         return None
     gap = alone[0]["errors_mean"] - teacher[0]["errors_mean"]
     return (alone[0]["errors_mean"] - row["errors_mean"]) / gap if gap > 0 else None
+
+
+def _teachers_of(row, rows):
+    """The teacher rows a row's runs learnt from: one row where its seeds had one teacher, or one
+    teacher each of the same setup (teacher_seed=same)."""
+    return [r for r in rows if r["role"] == "teacher" and row["teacher_keys"] <= r["teacher_keys"]]
 
 
 def _vs_alone(row, rows):
@@ -217,7 +224,7 @@ def _gain_kept(row, rows):
     size kept, (members' mean errors - errors distilled) / (members' mean errors - ensemble errors): its
     mean and std over the row's runs (seeds), each run measured on its own; (None, None) where it does
     not apply."""
-    teacher = [r for r in rows if r["role"] == "teacher" and r["teacher_key"] == row["teacher_key"]]
+    teacher = _teachers_of(row, rows)
     if len(teacher) != 1 or teacher[0]["members_errors_mean"] is None or teacher[0]["members_n_params"] != {row["n_params"]}:
         return None, None
     single, ensemble = teacher[0]["members_errors_mean"], teacher[0]["errors_mean"]
@@ -291,8 +298,8 @@ def pairs_section(rows, pairs, order=()):
         t, s = pair["teacher"], pair["student"]
         mine = [r for r in rows if r["role"] != "teacher" and r["student"] == s
                 and (r["role"] == "student alone" or r["teacher"] == t)]
-        keys = {r["teacher_key"] for r in mine if r["role"] != "student alone"}
-        teacher = [r for r in rows if r["role"] == "teacher" and (r["teacher_key"] in keys if keys else r["teacher"] == t)]
+        keys = set().union(*(r["teacher_keys"] for r in mine if r["role"] != "student alone"))
+        teacher = [r for r in rows if r["role"] == "teacher" and (r["teacher_keys"] & keys if keys else r["teacher"] == t)]
         if not mine and not teacher:
             continue
         line = {"pair": f"{t} -> {s}", "params": f"{_millions(teacher[0]['n_params'] if teacher else None)} / "

@@ -102,7 +102,12 @@ def validate(cfg):
     if cfg.get("lr") is not None:
         _positive("lr", cfg.lr)
     integer("seed", cfg.seed, 0)
-    integer("teacher_seed", cfg.teacher_seed, 0)
+    if cfg.teacher_seed != "same":
+        try:
+            integer("teacher_seed", cfg.teacher_seed, 0)
+        except KdrunError:
+            raise KdrunError(f"teacher_seed must be an integer >= 0 or same (the run's own seed), "
+                             f"got {cfg.teacher_seed!r}") from None
     for key in ("retrain", "resume", "compile", "channels_last"):
         boolean(key, cfg[key])
     if cfg.precision is not None:

@@ -261,6 +261,12 @@ CASES = [
     ("ensemble-member-unknown", ["distill", *QUICK, "teacher=ensemble", "teacher.members=['teacher=mlp1201']"],
      f"kdrun: error: teacher.members[0]: unknown teacher 'mlp1201' (did you mean mlp1200?); choose from: "
      f"{options('teacher')}"),
+    ("teacher-seed-word", ["distill", *QUICK, "teacher_seed=own"],
+     "kdrun: error: teacher_seed must be an integer >= 0 or same (the run's own seed), got 'own'"),
+    ("teacher-seed-same-missing", ["distill", "teacher=mlp300", *QUICK, "seed=3", "teacher_seed=same"],
+     r"kdrun: error: no trained teacher mlp300 for fashion_mnist with seed 3 and this recipe \(key [0-9a-f]{12}\); "
+     r"train it with: kdrun train teacher=mlp300 dataset=fashion_mnist dataset\.limit=1000 "
+     r"dataset\.test_limit=500 seed=3"),
     ("ensemble-with-teacher-seed", ["distill", *QUICK, "teacher=ensemble", "teacher_seed=2"],
      "kdrun: error: teacher_seed and teacher_ckpt pick one teacher; an ensemble's are teacher.members"),
     ("ensemble-member-missing", ["distill", *QUICK, "teacher=ensemble", "teacher.member=mlp30", "teacher.recipe.epochs=1",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import QUICK, use_teachers
-from kdrun.io import write_json
+from kdrun.io import read_json, write_json
 from kdrun.report import collect, render, summarise, write
 
 
@@ -116,3 +116,26 @@ def test_ensemble_gain_kept_is_measured_seed_by_seed(tmp_path):
     assert "| 50.0% ± 30.0% " in line
     table = {r["label"]: r for r in csv.DictReader(open(tmp_path / "out" / "report.csv"))}
     assert float(table["same_size"]["gain_kept_std"]) == pytest.approx(0.3)
+
+
+def test_each_seed_with_its_own_teacher_is_one_row_against_the_teachers_mean(tmp_path):
+    # teacher_seed=same: seed 0 distils from teacher k0 (10 errors), seed 1 from k1 (14)
+    config = {"teacher": {"name": "big"}, "student": {"name": "s"}, "dataset": {"name": "d"}, "teacher_seed": "same"}
+    runs = tmp_path / "runs"
+    for seed, (key, teacher_errors, alone, distilled) in enumerate((("k0", 10, 40, 20), ("k1", 14, 44, 24))):
+        write_json(tmp_path / "teachers" / key / "teacher.json", {"results": {
+            "command": "train", "status": "completed", "dataset": "d", "teacher": "big", "n_test": 100, "seed": seed,
+            "test_errors": teacher_errors, "test_accuracy": 1 - teacher_errors / 100, "teacher_key": key,
+            "run_dir": f"/elsewhere/{key}", "config": {"teacher": {"name": "big"}, "dataset": {"name": "d"}, "seed": seed}}})
+        result(runs, f"alone{seed}", command="distill", student="s", alpha=0, seed=seed, teacher_key=None,
+               test_errors=alone, test_accuracy=1 - alone / 100, config={**config, "seed": seed, "alpha": 0})
+        result(runs, f"kd{seed}", command="distill", teacher="big", student="s", T=20, alpha=0.9, seed=seed,
+               teacher_key=key, teacher_ckpt=str(tmp_path / "teachers" / key / "model.pt"), test_errors=distilled,
+               test_accuracy=1 - distilled / 100, config={**config, "seed": seed, "alpha": 0.9})
+    teacher_run = tmp_path / "train_k1"  # seed 1's teacher is found first: its own run dir comes first
+    write_json(teacher_run / "results.json", read_json(tmp_path / "teachers" / "k1" / "teacher.json")["results"])
+    rows, _ = summarise(collect([teacher_run, runs]))
+    by_role = {r["role"]: r for r in rows}
+    assert len(rows) == 3 and [by_role[k]["n"] for k in ("teacher", "student alone", "distilled")] == [2, 2, 2]
+    assert by_role["teacher"]["errors_mean"] == 12 and by_role["distilled"]["seeds"] == [0, 1]
+    assert by_role["distilled"]["gap_recovered"] == pytest.approx((42 - 22) / (42 - 12))

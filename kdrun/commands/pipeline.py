@@ -22,7 +22,7 @@ from kdrun.commands import distill, soft_targets, teacher, train
 from kdrun.data.loading import identify
 from kdrun.errors import KdrunError, first_line
 from kdrun.io import write_json
-from kdrun.parts import fold_recipe_overrides
+from kdrun.parts import fold_recipe_overrides, teacher_seed
 from kdrun.preflight import check_inputs
 from kdrun.run import save_config
 from kdrun.run_config import run_config
@@ -154,7 +154,7 @@ def needs_store_teacher(command, run_cfg):
 def _as_teacher(run_cfg):
     """The `kdrun train` config of the teacher a run distils from: its own config, at teacher_seed."""
     cfg = run_cfg.copy()
-    cfg.seed = run_cfg.teacher_seed
+    cfg.seed = teacher_seed(run_cfg)
     cfg.command = "train"  # its results are a teacher's, whoever trains it
     return cfg
 
@@ -171,22 +171,25 @@ def teachers(jobs):
         where = (OmegaConf.to_yaml(run_cfg.dataset), str(run_cfg.data_dir))  # its files are hashed once
         if where not in data:
             data[where] = identify(run_cfg)
-        key = store.teacher_key(run_cfg, run_cfg.teacher_seed, data[where])
+        key = store.teacher_key(run_cfg, teacher_seed(run_cfg), data[where])
         teacher_cfg, cached = found.get(key, (_as_teacher(run_cfg), None))
         found[key] = (teacher_cfg, cached or (None if online(run_cfg) else run_cfg))
     return found
 
 
 def teacher_folders(found):
-    """teacher/ (and soft_targets/) for one teacher; teacher/NAME for several (NAME_2, ... for a name
-    that several of them share)."""
+    """teacher/ (and soft_targets/) for one teacher; teacher/NAME for several (NAME_seedN for a name
+    that several of them share, one seed each; else NAME_2, ...)."""
     if len(found) == 1:
         return {key: "" for key in found}
-    folders, seen = {}, {}
+    by_name = {}
     for key, (teacher_cfg, _) in found.items():
-        name = str(teacher_cfg.teacher.name)
-        seen[name] = seen.get(name, 0) + 1
-        folders[key] = name if seen[name] == 1 else f"{name}_{seen[name]}"
+        by_name.setdefault(str(teacher_cfg.teacher.name), []).append((key, teacher_cfg.seed))
+    folders = {}
+    for name, entries in by_name.items():
+        one_seed_each = len({seed for _, seed in entries}) == len(entries) > 1
+        for i, (key, seed) in enumerate(entries):
+            folders[key] = f"{name}_seed{seed}" if one_seed_each else name if i == 0 else f"{name}_{i + 1}"
     return folders
 
 

@@ -13,7 +13,7 @@ from kdrun.errors import KdrunError
 from kdrun.io import content_key, sha256_file
 from kdrun.loop import evaluate
 from kdrun.model_files import check_model_payload, load_model
-from kdrun.parts import RECIPE_OVERRIDES, TeacherSource
+from kdrun.parts import RECIPE_OVERRIDES, TeacherSource, teacher_seed
 from kdrun.training import n_params
 from kdrun.validate import integer, model_spec
 
@@ -27,7 +27,7 @@ def _train_command(cfg, overrides, seed=True):
         if key.startswith(("teacher.", "dataset.", "data_dir", "workdir", "experiment")):
             words.append(item)
     if seed:
-        words.append(f"seed={cfg.teacher_seed}")
+        words.append(f"seed={teacher_seed(cfg)}")
     return "kdrun train " + " ".join(shlex.quote(w) for w in words)
 
 
