@@ -122,8 +122,7 @@ def summarise(runs):
         row.update(errors_mean=statistics.fmean(errors), errors_std=statistics.stdev(errors) if len(errors) > 1 else 0.0,
                    accuracy=statistics.fmean(m["test_accuracy"] for m in members), n=len(members),
                    train_accuracy=_mean(members, lambda m: m.get("train_accuracy")),
-                   seeds=sorted(m.get("seed") for m in members), teacher_key=members[0].get("teacher_key"),
-                   teacher_keys={m.get("teacher_key") for m in members})
+                   seeds=sorted(m.get("seed") for m in members), teacher_keys={m.get("teacher_key") for m in members})
         row["errors"] = f"{row['errors_mean']:.1f} ± {row['errors_std']:.1f}"
         row["name"] = row["label"] or row["role"]
         if row["role"] == "mutual ensemble" and row["label"]:

@@ -213,8 +213,8 @@ def test_a_pair_whose_teacher_cannot_be_found_and_other_bad_tables_get_one_line(
 
 
 def _row(role, name, teacher, student, accuracy, key=None, n_params=1_000_000, n=1, errors_std=0.0):
-    return {"role": role, "name": name, "teacher": teacher, "student": student, "teacher_key": key,
-            "teacher_keys": {key}, "n_params": n_params, "accuracy": accuracy, "n": n, "errors_std": errors_std,
+    return {"role": role, "name": name, "teacher": teacher, "student": student, "teacher_keys": {key},
+            "n_params": n_params, "accuracy": accuracy, "n": n, "errors_std": errors_std,
             "n_test": 200, "T": None, "errors": "-"}
 
 
