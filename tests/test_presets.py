@@ -39,10 +39,14 @@ def test_hinton_mnist_on_mnist_shaped_idx_files(kdrun, workdir, tmp_path):
     # three seeds, and each seed's students learn from that seed's own teacher
     teachers = {s: results(run / "teacher" / f"mlp1200_seed{s}") for s in (0, 1, 2)}
     alone = [results(run / "student_alone" / str(i)) for i in range(3)]
+    jittered = [results(run / "student_alone_jitter" / str(i)) for i in range(3)]
     distilled = [results(run / "distilled" / str(i)) for i in range(3)]
     for s, teacher in teachers.items():
         assert (teacher["dataset"], teacher["teacher"], teacher["n_train"], teacher["seed"]) == ("mnist", "mlp1200", 400, s)
     assert [r["seed"] for r in distilled] == [0, 1, 2] and all(r["teacher_key"] is None for r in alone)
+    # the control beside the paper's runs: the student alone with the teacher's 2-pixel jitter
+    assert [(r["seed"], r["jitter"], r["alpha"], r["teacher_key"]) for r in jittered] == [(s, 2, 0, None) for s in (0, 1, 2)]
+    assert all(r["jitter"] == 0 for r in alone + distilled)
     for r in distilled:
         assert (r["student"], r["T"], r["alpha"]) == ("mlp800", 20, 0.9)
         assert r["teacher_key"] == teachers[r["seed"]]["teacher_key"]
@@ -51,6 +55,9 @@ def test_hinton_mnist_on_mnist_shaped_idx_files(kdrun, workdir, tmp_path):
     report = (run / "report.md").read_text()
     assert report.strip() in out.stdout
     measured = {"teacher": list(teachers.values()), "student_alone": alone, "distilled": distilled}
+    jitter_line = only(x for x in report.splitlines() if x.startswith("| student_alone_jitter "))
+    errors = [r["test_errors"] for r in jittered]
+    assert f"| {statistics.fmean(errors):.1f} ± {statistics.stdev(errors):.1f} " in jitter_line
     for name, paper in (("teacher", 67), ("student_alone", 146), ("distilled", 74)):
         line = only(x for x in report.splitlines() if x.startswith(f"| {name} ") and f"| {paper} " in x)
         errors = [r["test_errors"] for r in measured[name]]
@@ -175,7 +182,7 @@ def test_every_paper_preset_composes_its_runs_and_states_how_it_differs():
     from kdrun.cli import conf_dir
     from kdrun.commands.pipeline import compose_run, student_runs
 
-    expected = {"hinton_mnist": 2 * 3, "hinton_fashion": 6, "student_size": 3 + 3 * 8, "omit_class": 2,
+    expected = {"hinton_mnist": 3 * 3, "hinton_fashion": 6, "student_size": 3 + 3 * 8, "omit_class": 2,
                 "only_classes": 2, "regulariser": 4, "ensemble_fashion": 12,
                 "ensemble_mnist": 12}
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
