@@ -54,14 +54,16 @@ def test_hinton_mnist_on_mnist_shaped_idx_files(kdrun, workdir, tmp_path):
     # the report sets the paper's 67 / 146 / 74 beside the mean ± std of the three seeds
     report = (run / "report.md").read_text()
     assert report.strip() in out.stdout
+    def mean_std(runs):
+        errors = [r["test_errors"] for r in runs]
+        return f"{statistics.fmean(errors):.1f} ± {statistics.stdev(errors):.1f}"
+
     measured = {"teacher": list(teachers.values()), "student_alone": alone, "distilled": distilled}
     jitter_line = only(x for x in report.splitlines() if x.startswith("| student_alone_jitter "))
-    errors = [r["test_errors"] for r in jittered]
-    assert f"| {statistics.fmean(errors):.1f} ± {statistics.stdev(errors):.1f} " in jitter_line
+    assert f"| {mean_std(jittered)} " in jitter_line
     for name, paper in (("teacher", 67), ("student_alone", 146), ("distilled", 74)):
         line = only(x for x in report.splitlines() if x.startswith(f"| {name} ") and f"| {paper} " in x)
-        errors = [r["test_errors"] for r in measured[name]]
-        assert line.split("|")[-2].strip() == f"{statistics.fmean(errors):.1f} ± {statistics.stdev(errors):.1f}", name
+        assert line.split("|")[-2].strip() == mean_std(measured[name]), name
     assert "trains 300 epochs of SGD" in report
 
 
